@@ -1,0 +1,136 @@
+"""The training data node: one LightningDataModule over webdataset shards, a CSV/TSV, or synthetic pairs."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import lightning as L
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from alignkit.data.csvdata import CsvPairs
+from alignkit.data.samples import PairTransform
+from alignkit.data.synthetic import SyntheticShapes
+from alignkit.data.webdataset import collate_pairs, count_samples, expand_urls, make_wds_pipeline
+
+log = logging.getLogger(__name__)
+Source = Literal["webdataset", "csv", "synthetic"]
+
+
+class ImageTextDataModule(L.LightningDataModule):
+    """Image–caption pairs for training.
+
+    Args:
+        source: ``webdataset`` (``train_shards``, img2dataset layout), ``csv`` (``train_csv``) or ``synthetic``.
+        batch_size: **per device**. The global batch is per_device × devices × nodes × accumulation; both are logged.
+        num_samples: epoch size override (else ``sizes.json`` / img2dataset stats; the CSV's / synthetic length).
+        epoch_rounding: steps per epoch = floor (drop the remainder, as the released CLIP-Refine code:
+            117,104 / 512 → 228 steps) or ceil (top the last batch up from the next pass) of N / global batch.
+        augment: use open_clip's training transform (random resized crop) instead of its eval transform.
+            The released CLIP-Refine recipe uses the model's eval preprocessing (no augmentation).
+        random_caption: for samples with several captions (one per line), pick one at random each time.
+
+    Paths are checked at construction, before any model is built.
+    """
+
+    def __init__(
+        self,
+        source: Source = "webdataset",
+        train_shards: str | list[str] | None = None,
+        train_csv: str | None = None,
+        image_col: str = "image",
+        caption_col: str = "caption",
+        num_samples: int | None = None,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        epoch_rounding: Literal["floor", "ceil"] = "floor",
+        augment: bool = False,
+        random_caption: bool = True,
+        synthetic_image_size: int = 32,
+        pin_memory: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if source not in ("webdataset", "csv", "synthetic"):
+            raise ValueError(f"data.source={source!r} is not one of webdataset, csv, synthetic")
+        if batch_size <= 0:
+            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        self.source, self.batch_size, self.num_workers = source, batch_size, num_workers
+        self.num_samples, self.shuffle_buffer, self.epoch_rounding = num_samples, shuffle_buffer, epoch_rounding
+        self.augment, self.random_caption, self.seed = augment, random_caption, seed
+        self.image_col, self.caption_col, self.train_csv = image_col, caption_col, train_csv
+        self.synthetic_image_size, self.pin_memory = synthetic_image_size, pin_memory
+        self.urls: list[str] = []
+        if source == "webdataset":
+            if train_shards is None:
+                raise ValueError("data.source=webdataset needs data.train_shards, e.g. /data/coco/{00000..00231}.tar")
+            self.urls = expand_urls(train_shards)
+            self.total_samples = count_samples(self.urls, num_samples)
+        elif source == "csv":
+            if train_csv is None:
+                raise ValueError("data.source=csv needs data.train_csv=/path/to/pairs.csv")
+            from pathlib import Path
+
+            if not Path(train_csv).is_file():
+                raise FileNotFoundError(f"data.train_csv={train_csv!r} does not exist")
+        self.preprocess_train: Callable | None = None
+        self.preprocess_val: Callable | None = None
+        self.tokenizer: Callable | None = None
+
+    def attach(self, preprocess_train: Callable, preprocess_val: Callable, tokenizer: Callable) -> None:
+        """Give the data node the model's own preprocessing and tokenizer (open_clip's)."""
+        self.preprocess_train, self.preprocess_val, self.tokenizer = preprocess_train, preprocess_val, tokenizer
+
+    def _transform(self) -> PairTransform:
+        if self.tokenizer is None:
+            raise RuntimeError("call datamodule.attach(preprocess_train, preprocess_val, tokenizer) before loading")
+        pre = self.preprocess_train if self.augment else self.preprocess_val
+        return PairTransform(pre, self.tokenizer, random_caption=self.random_caption, seed=self.seed)
+
+    def _world(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.world_size if trainer is not None else 1
+
+    def dataset_size(self) -> int:
+        if self.source == "webdataset":
+            return self.total_samples
+        if self.source == "synthetic":
+            return self.num_samples or 512
+        return len(CsvPairs(self.train_csv, self._transform(), self.image_col, self.caption_col))
+
+    def steps_per_epoch(self, world_size: int | None = None) -> int:
+        """Optimizer-free count of batches per rank per epoch for the global batch per_device × world."""
+        world = world_size or self._world()
+        n = self.dataset_size() / (self.batch_size * world)
+        steps = math.floor(n) if self.epoch_rounding == "floor" else math.ceil(n)
+        if steps < 1:
+            raise ValueError(
+                f"{self.dataset_size()} samples cannot fill one global batch of {self.batch_size} x {world}; "
+                f"lower data.batch_size or add data"
+            )
+        return steps
+
+    def train_dataloader(self):
+        transform = self._transform()
+        if self.source == "webdataset":
+            pipeline = make_wds_pipeline(
+                self.urls, transform, self.batch_size, shuffle_buffer=self.shuffle_buffer, seed=self.seed
+            )
+            loader = wds.WebLoader(
+                pipeline, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                persistent_workers=False,
+            )
+            return loader.with_epoch(nbatches=self.steps_per_epoch())
+        if self.source == "synthetic":
+            ds = SyntheticShapes(transform, self.num_samples or 512, self.synthetic_image_size, self.seed)
+        else:
+            ds = CsvPairs(self.train_csv, transform, self.image_col, self.caption_col)
+        return DataLoader(
+            ds, batch_size=self.batch_size, shuffle=True, drop_last=self.epoch_rounding == "floor",
+            num_workers=self.num_workers, collate_fn=collate_pairs, pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )

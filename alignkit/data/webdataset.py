@@ -1,0 +1,130 @@
+"""webdataset shards in img2dataset layout (``<key>.jpg|png`` + ``<key>.txt``) as a training source."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import braceexpand
+import torch
+import webdataset as wds
+
+from alignkit.data.samples import BadSample, BadSampleCounter, PairTransform
+
+log = logging.getLogger(__name__)
+
+
+def expand_urls(spec: str | list[str]) -> list[str]:
+    """Brace-expand ``/data/{00000..00231}.tar`` (or ``::``-separated / list specs) and check local files exist."""
+    specs = spec if isinstance(spec, list | tuple) else str(spec).split("::")
+    urls = [u for s in specs for u in braceexpand.braceexpand(str(s))]
+    if not urls:
+        raise ValueError("data.train_shards is empty: give a shard spec like /data/coco/{00000..00231}.tar")
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(urls)} shard(s) not found, e.g. {missing[0]!r}. Check data.train_shards "
+            f"(brace ranges like {{00000..00009}} are expanded) or build shards with scripts/make_shards.py"
+        )
+    return urls
+
+
+def count_samples(urls: list[str], num_samples: int | None = None) -> int:
+    """Epoch size: ``num_samples`` if given, else ``sizes.json`` ({shard name: count}) or img2dataset
+    ``<shard>_stats.json`` (``successes``) next to the shards."""
+    if num_samples:
+        return int(num_samples)
+    first = Path(urls[0])
+    sizes_file = first.parent / "sizes.json"
+    if sizes_file.is_file():
+        sizes = json.loads(sizes_file.read_text())
+        try:
+            return sum(int(sizes[Path(u).name]) for u in urls)
+        except KeyError as e:
+            raise KeyError(f"{sizes_file} has no entry for shard {e}; regenerate it or set data.num_samples") from None
+    stats = [Path(u).with_name(Path(u).stem + "_stats.json") for u in urls]
+    if all(s.is_file() for s in stats):
+        return sum(int(json.loads(s.read_text())["successes"]) for s in stats)
+    raise ValueError(
+        f"cannot tell how many samples {urls[0]}... hold: no sizes.json or img2dataset *_stats.json next to the "
+        f"shards. Set data.num_samples=N (the total number of pairs) or write sizes.json with scripts/make_shards.py"
+    )
+
+
+def _cycled_shards(urls: list[str], shuffle: bool, seed: int) -> Callable:
+    """Shard source that repeats this worker's shards (reshuffled each pass) until the loader's epoch length ends.
+
+    Repeating keeps every rank and worker stepping the same number of times (DDP never waits on a rank that ran
+    dry); with shards balanced across ranks x workers, the first pass reads every sample exactly once.
+    """
+
+    def source(_=None) -> Iterator[dict]:
+        for rep in itertools.count():
+            order = list(urls)
+            if shuffle:
+                random.Random(hash((seed, rep))).shuffle(order)
+            yield from ({"url": u} for u in order)
+
+    return source
+
+
+class _SafeMap:
+    """Apply the pair transform, counting and skipping :class:`BadSample` s; attach the running skip count."""
+
+    def __init__(self, transform: PairTransform, counter: BadSampleCounter) -> None:
+        self.transform, self.counter = transform, counter
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        for sample in src:
+            try:
+                out = self.transform(sample)
+            except BadSample as e:
+                self.counter.skip(sample.get("__key__", "?"), str(e))
+                continue
+            out["skipped"] = self.counter.count
+            out["worker"] = worker
+            yield out
+
+
+def collate_pairs(samples: list[dict]) -> dict:
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "text": torch.stack([s["text"] for s in samples]),
+        "key": [s["key"] for s in samples],
+        "skipped": torch.tensor([s["skipped"] for s in samples]),
+        "worker": torch.tensor([s["worker"] for s in samples]),
+    }
+
+
+def make_wds_pipeline(
+    urls: list[str],
+    transform: PairTransform,
+    batch_size: int,
+    *,
+    shuffle_buffer: int = 1000,
+    seed: int = 0,
+    repeat: bool = True,
+) -> wds.DataPipeline:
+    """Shards → split by node → split by worker → samples → (shuffle) → pair transform → batches (per worker).
+
+    Remainders are dropped inside each worker (``partial=False``) so every batch has the same size on every rank.
+    """
+    counter = BadSampleCounter()
+    shards = _cycled_shards(urls, shuffle_buffer > 0, seed) if repeat else wds.SimpleShardList(urls)
+    stages = [
+        shards,
+        wds.split_by_node,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=counter.handler),
+    ]
+    if shuffle_buffer > 0:
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)))
+    stages += [_SafeMap(transform, counter), wds.batched(batch_size, collation_fn=collate_pairs, partial=False)]
+    return wds.DataPipeline(*stages)

@@ -1,0 +1,155 @@
+"""The LightningModule: a student open_clip model, an optional frozen teacher, and a loss node."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignkit.encoders.openclip import OpenCLIPEncoder
+from alignkit.schedulers import LRSchedule
+
+log = logging.getLogger(__name__)
+TEACHER_PREFIX = "teacher."
+
+
+def batch_modality_gap(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    """‖mean(normalised image) − mean(normalised text)‖₂ on one batch (a cheap running estimate for logging)."""
+    return (F.normalize(img.float(), dim=-1).mean(0) - F.normalize(txt.float(), dim=-1).mean(0)).norm()
+
+
+def _no_weight_decay(name: str, p: nn.Parameter) -> bool:
+    return p.ndim < 2 or "logit_scale" in name or "log_scale" in name or name.endswith(".bias")
+
+
+class AlignModule(L.LightningModule):
+    """Train an open_clip model (all or part of it) with a loss node, optionally against a frozen teacher.
+
+    Args:
+        encoder: the student (an :class:`OpenCLIPEncoder`); its ``module`` is trained.
+        loss: a loss node (e.g. :class:`alignkit.losses.WeightedLoss`).
+        optimizer: a partial optimizer constructor taking param groups (Hydra ``_partial_: true``).
+        scheduler: an :class:`LRSchedule`, stepped each optimizer step.
+        teacher: ``auto`` builds a frozen copy of the starting model when the loss needs one, ``always`` / ``never``.
+        teacher_dtype: dtype the teacher's weights are kept in (``float32``; ``bfloat16`` halves its cost on GPU).
+        weight_decay_on_all: apply weight decay to every parameter (the released CLIP-Refine code) instead of
+            excluding biases, norms and the logit scale (open_clip's trainer).
+
+    The teacher is deep-copied at construction, i.e. from the *starting* weights, before any checkpoint is
+    restored, and its weights are never written to checkpoints: a resumed run therefore distils from the original
+    model, not from the resumed student (the released CLIP-Refine code gets this wrong).
+    """
+
+    def __init__(
+        self,
+        encoder: OpenCLIPEncoder,
+        loss: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: LRSchedule | None = None,
+        teacher: str = "auto",
+        teacher_dtype: str = "float32",
+        weight_decay_on_all: bool = False,
+    ) -> None:
+        super().__init__()
+        if teacher not in ("auto", "always", "never"):
+            raise ValueError(f"module.teacher={teacher!r} is not one of auto, always, never")
+        self.encoder = encoder
+        self.model = encoder.module
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.lr_schedule = scheduler or LRSchedule()
+        self.weight_decay_on_all = weight_decay_on_all
+        needs = bool(getattr(loss, "requires_teacher", False))
+        if teacher == "never" and needs:
+            raise ValueError("the loss needs a teacher (HyCD / KD / fd / ld) but module.teacher=never")
+        self.teacher: nn.Module | None = None
+        if teacher == "always" or (teacher == "auto" and needs):
+            self.teacher = copy.deepcopy(self.model).to(getattr(torch, teacher_dtype))
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
+        self._skipped: dict[int, int] = {}
+
+    # ----- teacher bookkeeping -----
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen: dropout off, norm statistics fixed, whatever Lightning toggles
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith(TEACHER_PREFIX)]:
+            del sd[k]
+        checkpoint["alignkit"] = {"encoder": self.encoder.spec, "has_teacher": self.teacher is not None}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Checkpoints hold no teacher: keep the current one (built from the starting weights)."""
+        if self.teacher is not None and not any(k.startswith(TEACHER_PREFIX) for k in state_dict):
+            state_dict = dict(state_dict)
+            state_dict.update({TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()})
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # ----- forward -----
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return OpenCLIPEncoder.encode(self.model, images, tokens)
+
+    @torch.no_grad()
+    def teacher_forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        t = OpenCLIPEncoder.encode(self.teacher, images, tokens)
+        return {f"teacher_{k}": v.float() for k, v in t.items()}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images, tokens = batch["image"], batch["text"]
+        out = self(images, tokens)
+        if self.teacher is not None:
+            out.update(self.teacher_forward(images, tokens))
+        out["step"] = self.global_step
+        terms = self.loss(out)
+        self._log_train(terms, out, batch)
+        return terms["loss"]
+
+    def _log_train(self, terms: dict, out: dict, batch: dict) -> None:
+        bs = batch["image"].shape[0]
+        scalars = {
+            f"train/{k}": v.detach().float()
+            for k, v in terms.items()
+            if k != "loss" and torch.is_tensor(v) and v.ndim == 0
+        }
+        scalars["train/modality_gap"] = batch_modality_gap(out["image_features"].detach(), out["text_features"].detach())
+        if "logit_scale" in out:
+            scalars["train/logit_scale"] = out["logit_scale"].detach().float()
+        self.log_dict(scalars, prog_bar=False, batch_size=bs)
+        self.log("train/loss", terms["loss"].detach(), prog_bar=True, batch_size=bs)
+        for w, s in zip(batch["worker"].tolist(), batch["skipped"].tolist()):
+            self._skipped[w] = max(self._skipped.get(w, 0), s)
+        self.log("data/skipped_samples", float(sum(self._skipped.values())), reduce_fx="sum", sync_dist=True, batch_size=bs)
+        self.log("data/batch_per_device", float(bs), batch_size=bs)
+        self.log("data/batch_global", float(bs * self.trainer.world_size * self.trainer.accumulate_grad_batches), batch_size=bs)
+
+    # ----- optimisation -----
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Student parameters that require grad plus the loss's own (e.g. a learnable temperature); never the teacher."""
+        named = [(f"model.{n}", p) for n, p in self.model.named_parameters() if p.requires_grad]
+        named += [(f"loss.{n}", p) for n, p in self.loss.named_parameters() if p.requires_grad]
+        return named
+
+    def configure_optimizers(self):
+        named = self.trainable_parameters()
+        if not named:
+            raise ValueError("no trainable parameters: both towers are locked and the loss has none")
+        if self.weight_decay_on_all:
+            groups = [{"params": [p for _, p in named]}]
+        else:
+            decay = [p for n, p in named if not _no_weight_decay(n, p)]
+            no_decay = [p for n, p in named if _no_weight_decay(n, p)]
+            groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = self.optimizer_factory(groups)
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = self.lr_schedule.build(opt, total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

@@ -1,0 +1,98 @@
+"""Training entry: compose → instantiate → fit → export. ``python train.py +experiment=NAME [overrides]``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from alignkit.checkpoint import resolve_ckpt_path
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+
+
+@rank_zero_only
+def save_run_files(cfg: DictConfig, run_dir: Path, summary: dict[str, Any] | None = None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if summary is not None:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
+
+def export_student(module, path: Path) -> Path:
+    """The trained student as a plain open_clip state dict (no Lightning or teacher prefixes)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.model.state_dict().items()}, str(path))
+    return path
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job described by a composed config; returns a summary (final metrics, paths)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    # Data first: a missing path or empty shard list fails before any model is built.
+    datamodule = instantiate(cfg.data)
+    encoder = instantiate(cfg.encoder)
+    datamodule.attach(encoder.preprocess_train, encoder.preprocess_val, encoder.tokenizer)
+    # Built objects are passed to a partial, not to instantiate(): Hydra would turn dataclasses back into configs.
+    module = instantiate(cfg.module, _partial_=True)(
+        encoder=encoder,
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler),
+    )
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)
+
+    # Step-based schedule: one epoch = steps_per_epoch optimizer steps per rank (the loader ends the epoch).
+    steps_per_epoch = datamodule.steps_per_epoch(trainer.world_size)
+    optimizer_steps = (steps_per_epoch * cfg.epochs) // trainer.accumulate_grad_batches
+    if trainer.max_steps == -1:
+        trainer.fit_loop.epoch_loop.max_steps = optimizer_steps
+    log.info(
+        "%d samples, per-device batch %d, world %d, accumulation %d -> %d steps/epoch, %d optimizer steps",
+        datamodule.dataset_size(), datamodule.batch_size, trainer.world_size, trainer.accumulate_grad_batches,
+        steps_per_epoch, trainer.max_steps,
+    )
+    save_run_files(cfg, run_dir)
+    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "global_step": trainer.global_step,
+        "resumed_from": ckpt,
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+    }
+    if cfg.get("export") and trainer.is_global_zero:
+        summary["exported"] = str(export_student(module, run_dir / "model.safetensors"))
+    save_run_files(cfg, run_dir, summary)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
