@@ -52,5 +52,7 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
             return str(last)
         return None
     if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist (use ckpt_path=auto to resume the run directory)")
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path!r} does not exist (use ckpt_path=auto to resume the run directory)"
+        )
     return str(ckpt_path)

@@ -20,7 +20,9 @@ def main(argv: list[str] | None = None) -> None:
     elif cmd == "export":
         from alignkit.export import export_checkpoint
 
-        p = argparse.ArgumentParser(prog="alignkit export", description="Lightning checkpoint or run dir -> open_clip state dict")
+        p = argparse.ArgumentParser(
+            prog="alignkit export", description="Lightning checkpoint or run dir -> open_clip state dict"
+        )
         p.add_argument("src", help="a .ckpt file or a run directory (uses checkpoints/last.ckpt)")
         p.add_argument("out", help="output .safetensors (or .pt / .bin)")
         a = p.parse_args(rest)

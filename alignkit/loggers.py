@@ -30,6 +30,12 @@ def wandb_logger(
         id_file.write_text(run_id)
     offline = offline or os.environ.get("WANDB_MODE") == "offline"
     return WandbLogger(
-        project=project, name=name, save_dir=str(path), offline=offline, id=run_id, resume="allow",
-        tags=list(tags or []), group=group,
+        project=project,
+        name=name,
+        save_dir=str(path),
+        offline=offline,
+        id=run_id,
+        resume="allow",
+        tags=list(tags or []),
+        group=group,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,8 @@ from alignkit.encoders.openclip import OpenCLIPEncoder
 from alignkit.schedulers import LRSchedule
 
 log = logging.getLogger(__name__)
+# The frozen teacher is in eval mode on purpose; Lightning's start-of-fit notice about eval-mode modules is noise.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 TEACHER_PREFIX = "teacher."
 
 
@@ -121,16 +124,28 @@ class AlignModule(L.LightningModule):
             for k, v in terms.items()
             if k != "loss" and torch.is_tensor(v) and v.ndim == 0
         }
-        scalars["train/modality_gap"] = batch_modality_gap(out["image_features"].detach(), out["text_features"].detach())
+        scalars["train/modality_gap"] = batch_modality_gap(
+            out["image_features"].detach(), out["text_features"].detach()
+        )
         if "logit_scale" in out:
             scalars["train/logit_scale"] = out["logit_scale"].detach().float()
         self.log_dict(scalars, prog_bar=False, batch_size=bs)
         self.log("train/loss", terms["loss"].detach(), prog_bar=True, batch_size=bs)
         for w, s in zip(batch["worker"].tolist(), batch["skipped"].tolist()):
             self._skipped[w] = max(self._skipped.get(w, 0), s)
-        self.log("data/skipped_samples", float(sum(self._skipped.values())), reduce_fx="sum", sync_dist=True, batch_size=bs)
+        self.log(
+            "data/skipped_samples",
+            float(sum(self._skipped.values())),
+            reduce_fx="sum",
+            sync_dist=True,
+            batch_size=bs,
+        )
         self.log("data/batch_per_device", float(bs), batch_size=bs)
-        self.log("data/batch_global", float(bs * self.trainer.world_size * self.trainer.accumulate_grad_batches), batch_size=bs)
+        self.log(
+            "data/batch_global",
+            float(bs * self.trainer.world_size * self.trainer.accumulate_grad_batches),
+            batch_size=bs,
+        )
 
     # ----- optimisation -----
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:

@@ -25,7 +25,9 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def build_callbacks(cfg: DictConfig) -> list:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+    return [
+        instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c
+    ]
 
 
 @rank_zero_only
@@ -61,7 +63,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler),
     )
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False
+    )
 
     # Step-based schedule: one epoch = steps_per_epoch optimizer steps per rank (the loader ends the epoch).
     steps_per_epoch = datamodule.steps_per_epoch(trainer.world_size)
@@ -70,8 +74,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit_loop.epoch_loop.max_steps = optimizer_steps
     log.info(
         "%d samples, per-device batch %d, world %d, accumulation %d -> %d steps/epoch, %d optimizer steps",
-        datamodule.dataset_size(), datamodule.batch_size, trainer.world_size, trainer.accumulate_grad_batches,
-        steps_per_epoch, trainer.max_steps,
+        datamodule.dataset_size(),
+        datamodule.batch_size,
+        trainer.world_size,
+        trainer.accumulate_grad_batches,
+        steps_per_epoch,
+        trainer.max_steps,
     )
     save_run_files(cfg, run_dir)
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)

@@ -35,7 +35,9 @@ class CsvPairs(Dataset):
             cols = reader.fieldnames or []
             for c in (image_col, caption_col):
                 if c not in cols:
-                    raise KeyError(f"{self.path} has no column {c!r} (columns: {cols}); set data.image_col / data.caption_col")
+                    raise KeyError(
+                        f"{self.path} has no column {c!r} (columns: {cols}); set data.image_col / data.caption_col"
+                    )
             self.rows = [(r[image_col], r[caption_col] or "") for r in reader]
         if not self.rows:
             raise ValueError(f"{self.path} has no rows")

@@ -60,14 +60,20 @@ class ImageTextDataModule(L.LightningDataModule):
         if batch_size <= 0:
             raise ValueError(f"data.batch_size must be positive, got {batch_size}")
         self.source, self.batch_size, self.num_workers = source, batch_size, num_workers
-        self.num_samples, self.shuffle_buffer, self.epoch_rounding = num_samples, shuffle_buffer, epoch_rounding
+        self.num_samples, self.shuffle_buffer, self.epoch_rounding = (
+            num_samples,
+            shuffle_buffer,
+            epoch_rounding,
+        )
         self.augment, self.random_caption, self.seed = augment, random_caption, seed
         self.image_col, self.caption_col, self.train_csv = image_col, caption_col, train_csv
         self.synthetic_image_size, self.pin_memory = synthetic_image_size, pin_memory
         self.urls: list[str] = []
         if source == "webdataset":
             if train_shards is None:
-                raise ValueError("data.source=webdataset needs data.train_shards, e.g. /data/coco/{00000..00231}.tar")
+                raise ValueError(
+                    "data.source=webdataset needs data.train_shards, e.g. /data/coco/{00000..00231}.tar"
+                )
             self.urls = expand_urls(train_shards)
             self.total_samples = count_samples(self.urls, num_samples)
         elif source == "csv":
@@ -83,11 +89,17 @@ class ImageTextDataModule(L.LightningDataModule):
 
     def attach(self, preprocess_train: Callable, preprocess_val: Callable, tokenizer: Callable) -> None:
         """Give the data node the model's own preprocessing and tokenizer (open_clip's)."""
-        self.preprocess_train, self.preprocess_val, self.tokenizer = preprocess_train, preprocess_val, tokenizer
+        self.preprocess_train, self.preprocess_val, self.tokenizer = (
+            preprocess_train,
+            preprocess_val,
+            tokenizer,
+        )
 
     def _transform(self) -> PairTransform:
         if self.tokenizer is None:
-            raise RuntimeError("call datamodule.attach(preprocess_train, preprocess_val, tokenizer) before loading")
+            raise RuntimeError(
+                "call datamodule.attach(preprocess_train, preprocess_val, tokenizer) before loading"
+            )
         pre = self.preprocess_train if self.augment else self.preprocess_val
         return PairTransform(pre, self.tokenizer, random_caption=self.random_caption, seed=self.seed)
 
@@ -121,7 +133,10 @@ class ImageTextDataModule(L.LightningDataModule):
                 self.urls, transform, self.batch_size, shuffle_buffer=self.shuffle_buffer, seed=self.seed
             )
             loader = wds.WebLoader(
-                pipeline, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                pipeline,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
                 persistent_workers=False,
             )
             return loader.with_epoch(nbatches=self.steps_per_epoch())
@@ -130,7 +145,12 @@ class ImageTextDataModule(L.LightningDataModule):
         else:
             ds = CsvPairs(self.train_csv, transform, self.image_col, self.caption_col)
         return DataLoader(
-            ds, batch_size=self.batch_size, shuffle=True, drop_last=self.epoch_rounding == "floor",
-            num_workers=self.num_workers, collate_fn=collate_pairs, pin_memory=self.pin_memory,
+            ds,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=self.epoch_rounding == "floor",
+            num_workers=self.num_workers,
+            collate_fn=collate_pairs,
+            pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )

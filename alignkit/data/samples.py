@@ -41,7 +41,10 @@ class BadSampleCounter:
         if now - self._last_warn >= self.interval_s:
             log.warning(
                 "skipped bad sample %r (%s); %d skipped since last warning, %d in this worker so far",
-                key, reason, self._since_warn, self.count,
+                key,
+                reason,
+                self._since_warn,
+                self.count,
             )
             self._last_warn, self._since_warn = now, 0
 
@@ -80,7 +83,9 @@ def first_key(sample: dict[str, Any], keys: tuple[str, ...]) -> str | None:
 class PairTransform:
     """Raw webdataset sample dict → {"image", "text", "key"}; raises :class:`BadSample` for unusable samples."""
 
-    def __init__(self, preprocess: Callable, tokenizer: Callable, random_caption: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self, preprocess: Callable, tokenizer: Callable, random_caption: bool = True, seed: int = 0
+    ) -> None:
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.random_caption, self.seed = random_caption, seed
         self._rng: random.Random | None = None

@@ -42,8 +42,15 @@ def draw_shape(color: str, shape: str, size: int, rng: random.Random) -> Image.I
 class SyntheticShapes(Dataset):
     """``num_samples`` deterministic pairs (same index → same image and caption for a given seed)."""
 
-    def __init__(self, transform: PairTransform, num_samples: int = 512, image_size: int = 32, seed: int = 0) -> None:
-        self.transform, self.num_samples, self.image_size, self.seed = transform, num_samples, image_size, seed
+    def __init__(
+        self, transform: PairTransform, num_samples: int = 512, image_size: int = 32, seed: int = 0
+    ) -> None:
+        self.transform, self.num_samples, self.image_size, self.seed = (
+            transform,
+            num_samples,
+            image_size,
+            seed,
+        )
 
     def __len__(self) -> int:
         return self.num_samples

@@ -19,9 +19,15 @@ log = logging.getLogger(__name__)
 
 
 def expand_urls(spec: str | list[str]) -> list[str]:
-    """Brace-expand ``/data/{00000..00231}.tar`` (or ``::``-separated / list specs) and check local files exist."""
-    specs = spec if isinstance(spec, list | tuple) else str(spec).split("::")
-    urls = [u for s in specs for u in braceexpand.braceexpand(str(s))]
+    """Shard URLs from a brace spec (``/data/{00000..00231}.tar``), a ``::``-separated list, a Python list, or a
+    local directory (all ``*.tar`` in it, sorted); local files must exist."""
+    specs = list(spec) if isinstance(spec, list | tuple) else str(spec).split("::")
+    urls: list[str] = []
+    for s in specs:
+        if Path(str(s)).is_dir():
+            urls += sorted(str(p) for p in Path(str(s)).glob("*.tar"))
+        else:
+            urls += list(braceexpand.braceexpand(str(s)))
     if not urls:
         raise ValueError("data.train_shards is empty: give a shard spec like /data/coco/{00000..00231}.tar")
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
@@ -46,7 +52,9 @@ def count_samples(urls: list[str], num_samples: int | None = None) -> int:
         try:
             return sum(int(sizes[Path(u).name]) for u in urls)
         except KeyError as e:
-            raise KeyError(f"{sizes_file} has no entry for shard {e}; regenerate it or set data.num_samples") from None
+            raise KeyError(
+                f"{sizes_file} has no entry for shard {e}; regenerate it or set data.num_samples"
+            ) from None
     stats = [Path(u).with_name(Path(u).stem + "_stats.json") for u in urls]
     if all(s.is_file() for s in stats):
         return sum(int(json.loads(s.read_text())["successes"]) for s in stats)
@@ -56,21 +64,45 @@ def count_samples(urls: list[str], num_samples: int | None = None) -> int:
     )
 
 
-def _cycled_shards(urls: list[str], shuffle: bool, seed: int) -> Callable:
-    """Shard source that repeats this worker's shards (reshuffled each pass) until the loader's epoch length ends.
+class _PassesOfSamples:
+    """This rank's and worker's shards, read pass after pass, each pass shuffled on its own.
 
-    Repeating keeps every rank and worker stepping the same number of times (DDP never waits on a rank that ran
-    dry); with shards balanced across ranks x workers, the first pass reads every sample exactly once.
+    Shards are split by node, then by worker (webdataset's ``split_by_node`` / ``split_by_worker``). Each pass
+    reshuffles the shard order and runs the sample shuffle buffer to empty before the next pass begins, so with
+    shards balanced across ranks x workers the first pass yields every sample exactly once. Repeating (``repeat``)
+    keeps every rank and worker stepping the same number of times: the loader's ``with_epoch`` ends the epoch, and
+    DDP never waits on a rank that ran dry.
     """
 
-    def source(_=None) -> Iterator[dict]:
-        for rep in itertools.count():
-            order = list(urls)
-            if shuffle:
-                random.Random(hash((seed, rep))).shuffle(order)
-            yield from ({"url": u} for u in order)
+    def __init__(
+        self, urls: list[str], shuffle_buffer: int, seed: int, repeat: bool, handler: Callable
+    ) -> None:
+        self.urls, self.shuffle_buffer, self.seed, self.repeat, self.handler = (
+            urls,
+            shuffle_buffer,
+            seed,
+            repeat,
+            handler,
+        )
 
-    return source
+    def __call__(self) -> Iterator[dict]:
+        mine = [d["url"] for d in wds.split_by_worker(wds.split_by_node([{"url": u} for u in self.urls]))]
+        if not mine:
+            raise ValueError(
+                f"this rank/worker got no shard: {len(self.urls)} shard(s) for more ranks x workers; lower "
+                f"data.num_workers or split the data into more shards"
+            )
+        for rep in itertools.count() if self.repeat else range(1):
+            order = list(mine)
+            if self.shuffle_buffer > 0:
+                random.Random(hash((self.seed, rep))).shuffle(order)
+            stages = [wds.SimpleShardList(order), wds.tarfile_to_samples(handler=self.handler)]
+            if self.shuffle_buffer > 0:
+                rng = random.Random(hash((self.seed, rep, "samples")))
+                stages.append(
+                    wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)
+                )
+            yield from wds.DataPipeline(*stages)
 
 
 class _SafeMap:
@@ -112,19 +144,15 @@ def make_wds_pipeline(
     seed: int = 0,
     repeat: bool = True,
 ) -> wds.DataPipeline:
-    """Shards → split by node → split by worker → samples → (shuffle) → pair transform → batches (per worker).
+    """Shards → split by node → split by worker → samples → (shuffle per pass) → pair transform → batches.
 
     Remainders are dropped inside each worker (``partial=False``) so every batch has the same size on every rank.
     """
     counter = BadSampleCounter()
-    shards = _cycled_shards(urls, shuffle_buffer > 0, seed) if repeat else wds.SimpleShardList(urls)
+    passes = _PassesOfSamples(urls, shuffle_buffer, seed, repeat, counter.handler)
     stages = [
-        shards,
-        wds.split_by_node,
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=counter.handler),
+        passes,
+        _SafeMap(transform, counter),
+        wds.batched(batch_size, collation_fn=collate_pairs, partial=False),
     ]
-    if shuffle_buffer > 0:
-        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)))
-    stages += [_SafeMap(transform, counter), wds.batched(batch_size, collation_fn=collate_pairs, partial=False)]
     return wds.DataPipeline(*stages)

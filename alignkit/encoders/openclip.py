@@ -36,7 +36,7 @@ def _weights_help(model: str, pretrained: str) -> str:
         f"cache and cannot be downloaded (no network, or HF_HUB_OFFLINE=1). Either\n"
         f"  * pass a local checkpoint file: encoder.pretrained=/path/to/open_clip_model.safetensors (any state dict "
         f"open_clip can load for {model}, e.g. one written by `alignkit export`), or\n"
-        f"  * fetch the weights on a machine with internet (python -c \"import open_clip; "
+        f'  * fetch the weights on a machine with internet (python -c "import open_clip; '
         f"open_clip.create_model('{model}', pretrained='{pretrained}')\") and copy the Hugging Face cache "
         f"(~/.cache/huggingface) here, or point encoder.cache_dir at it."
     )
@@ -63,9 +63,13 @@ def create_open_clip(
             f"Unknown open_clip architecture {model!r}. Known: e.g. ViT-B-32, ViT-B-16, RN50, "
             f"alignkit-tiny-vit (see open_clip.list_models()); add your own JSON with open_clip.add_model_config."
         )
-    is_path = pretrained is not None and (os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors")))
+    is_path = pretrained is not None and (
+        os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))
+    )
     if is_path and not Path(pretrained).is_file():
-        raise FileNotFoundError(f"encoder.pretrained={pretrained!r} looks like a file path but no such file exists")
+        raise FileNotFoundError(
+            f"encoder.pretrained={pretrained!r} looks like a file path but no such file exists"
+        )
     if pretrained and not is_path and pretrained not in open_clip.list_pretrained_tags_by_model(model):
         raise ValueError(
             f"pretrained tag {pretrained!r} is not known for {model!r}; known tags: "
@@ -128,19 +132,34 @@ class OpenCLIPEncoder:
         )
         self.tokenizer = open_clip.get_tokenizer(self.model)
         if self.lock_image:
-            self.module.lock_image_tower(unlocked_groups=self.lock_image_unlocked_groups, freeze_bn_stats=True)
+            self.module.lock_image_tower(
+                unlocked_groups=self.lock_image_unlocked_groups, freeze_bn_stats=True
+            )
         if self.lock_text:
-            self.module.lock_text_tower(unlocked_layers=self.lock_text_unlocked_layers, freeze_layer_norm=True)
+            self.module.lock_text_tower(
+                unlocked_layers=self.lock_text_unlocked_layers, freeze_layer_norm=True
+            )
         if self.grad_checkpointing:
             self.module.set_grad_checkpointing(True)
         n_train = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.module.parameters())
-        log.info("open_clip %s (pretrained=%s): %.2fM params, %.2fM trainable", self.model, self.pretrained, n_all / 1e6, n_train / 1e6)
+        log.info(
+            "open_clip %s (pretrained=%s): %.2fM params, %.2fM trainable",
+            self.model,
+            self.pretrained,
+            n_all / 1e6,
+            n_train / 1e6,
+        )
 
     @property
     def spec(self) -> dict[str, Any]:
         """What export and eval need to rebuild the architecture with open_clip."""
-        return {"kind": "open_clip", "model": self.model, "pretrained": self.pretrained, "force_quick_gelu": self.force_quick_gelu}
+        return {
+            "kind": "open_clip",
+            "model": self.model,
+            "pretrained": self.pretrained,
+            "force_quick_gelu": self.force_quick_gelu,
+        }
 
     @staticmethod
     def encode(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:

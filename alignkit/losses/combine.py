@@ -18,7 +18,9 @@ class WeightSchedule:
     (λ·(1 − t/T), clamped at 0), with ``steps`` usually the run's total steps.
     """
 
-    def __init__(self, kind: Literal["constant", "linear_warmup", "linear_decay"] = "constant", steps: int = 0) -> None:
+    def __init__(
+        self, kind: Literal["constant", "linear_warmup", "linear_decay"] = "constant", steps: int = 0
+    ) -> None:
         check_choice("schedule kind", kind, ("constant", "linear_warmup", "linear_decay"))
         if kind != "constant" and steps <= 0:
             raise ValueError(f"schedule {kind} needs steps > 0, got {steps}")
@@ -53,14 +55,18 @@ class WeightedLoss(nn.Module):
         weights = dict(weights or {})
         unknown = (set(weights) | set(schedules or {})) - set(terms)
         if unknown:
-            raise KeyError(f"weights/schedules name terms {sorted(unknown)} that are not in terms {sorted(terms)}")
+            raise KeyError(
+                f"weights/schedules name terms {sorted(unknown)} that are not in terms {sorted(terms)}"
+            )
         self.terms = nn.ModuleDict(dict(terms))
         self.weights = {k: float(weights.get(k, 1.0)) for k in terms}
         self.schedules = {k: WeightSchedule(**dict(v)) for k, v in (schedules or {}).items()}
 
     @property
     def requires_teacher(self) -> bool:
-        return any(getattr(t, "requires_teacher", False) and self.weights[k] != 0 for k, t in self.terms.items())
+        return any(
+            getattr(t, "requires_teacher", False) and self.weights[k] != 0 for k, t in self.terms.items()
+        )
 
     def weight(self, name: str, step: int) -> float:
         sched = self.schedules.get(name)

@@ -19,7 +19,10 @@ class LogitScaler(nn.Module):
     """
 
     def __init__(
-        self, logit_scale: LogitScale = "model", init_logit_scale: float = 100.0, max_logit_scale: float = 100.0
+        self,
+        logit_scale: LogitScale = "model",
+        init_logit_scale: float = 100.0,
+        max_logit_scale: float = 100.0,
     ) -> None:
         super().__init__()
         check_choice("logit_scale", logit_scale, ("none", "model", "learnable"))
@@ -34,7 +37,9 @@ class LogitScaler(nn.Module):
         if self.mode == "learnable":
             return self.log_scale.exp().clamp(max=self.max_logit_scale)
         if key not in out:
-            raise KeyError(f"logit_scale='model' but the model produced no {key!r}; use logit_scale=none or learnable")
+            raise KeyError(
+                f"logit_scale='model' but the model produced no {key!r}; use logit_scale=none or learnable"
+            )
         return out[key]
 
 

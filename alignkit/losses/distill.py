@@ -16,11 +16,15 @@ KLDirection = Literal["forward", "reverse"]
 
 def _teacher(out: dict, key: str) -> torch.Tensor:
     if key not in out:
-        raise KeyError(f"this loss needs the frozen teacher's {key!r}; the module must be built with a teacher")
+        raise KeyError(
+            f"this loss needs the frozen teacher's {key!r}; the module must be built with a teacher"
+        )
     return out[key]
 
 
-def kl_rows(target: torch.Tensor, log_p: torch.Tensor, direction: KLDirection, eps: float = 1e-12) -> torch.Tensor:
+def kl_rows(
+    target: torch.Tensor, log_p: torch.Tensor, direction: KLDirection, eps: float = 1e-12
+) -> torch.Tensor:
     """Mean over rows of KL between row distributions: forward KL(target‖p), reverse KL(p‖target)."""
     if direction == "forward":
         kl = torch.xlogy(target, target) - target * log_p
@@ -61,7 +65,11 @@ class HybridDistillation(nn.Module):
         check_choice("kl_direction", kl_direction, ("forward", "reverse"))
         check_choice("logit_scale", logit_scale, ("none", "model"))
         self.alpha, self.temperature, self.normalize = alpha, temperature, normalize
-        self.kl_direction, self.scale_by_t_squared, self.cross_rank = kl_direction, scale_by_t_squared, cross_rank
+        self.kl_direction, self.scale_by_t_squared, self.cross_rank = (
+            kl_direction,
+            scale_by_t_squared,
+            cross_rank,
+        )
         self.scaler = LogitScaler(logit_scale)
 
     def forward(self, out: dict) -> dict[str, torch.Tensor]:
@@ -107,8 +115,14 @@ class FeatureDistillation(nn.Module):
 
     def forward(self, out: dict) -> dict[str, torch.Tensor]:
         n = self.normalize
-        li = F.mse_loss(maybe_normalize(out["image_features"], n), maybe_normalize(_teacher(out, "teacher_image_features"), n))
-        lt = F.mse_loss(maybe_normalize(out["text_features"], n), maybe_normalize(_teacher(out, "teacher_text_features"), n))
+        li = F.mse_loss(
+            maybe_normalize(out["image_features"], n),
+            maybe_normalize(_teacher(out, "teacher_image_features"), n),
+        )
+        lt = F.mse_loss(
+            maybe_normalize(out["text_features"], n),
+            maybe_normalize(_teacher(out, "teacher_text_features"), n),
+        )
         return {"loss": 0.5 * (li + lt), "image": li.detach(), "text": lt.detach()}
 
 
@@ -129,7 +143,11 @@ class LogitDistillation(nn.Module):
 
     def forward(self, out: dict) -> dict[str, torch.Tensor]:
         n = self.normalize
-        s = pair_view(maybe_normalize(out["image_features"], n), maybe_normalize(out["text_features"], n), self.cross_rank)
+        s = pair_view(
+            maybe_normalize(out["image_features"], n),
+            maybe_normalize(out["text_features"], n),
+            self.cross_rank,
+        )
         t = pair_view(
             maybe_normalize(_teacher(out, "teacher_image_features"), n),
             maybe_normalize(_teacher(out, "teacher_text_features"), n),

@@ -21,13 +21,19 @@ def load_feature_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension ``mean`` and ``std`` from a ``.npz`` or ``.pt`` file (e.g. written by scripts/feature_stats.py)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"RaFA prior=data_stats: stats file {path} not found (expects arrays 'mean' and 'std')")
+        raise FileNotFoundError(
+            f"RaFA prior=data_stats: stats file {path} not found (expects arrays 'mean' and 'std')"
+        )
     data = np.load(path) if path.suffix == ".npz" else torch.load(path, map_location="cpu", weights_only=True)
     try:
         mean, std = data["mean"], data["std"]
     except KeyError as e:
-        raise KeyError(f"RaFA stats file {path} lacks {e}; it must hold 'mean' and 'std' of shape (d,)") from None
-    return torch.as_tensor(np.asarray(mean), dtype=torch.float32), torch.as_tensor(np.asarray(std), dtype=torch.float32)
+        raise KeyError(
+            f"RaFA stats file {path} lacks {e}; it must hold 'mean' and 'std' of shape (d,)"
+        ) from None
+    return torch.as_tensor(np.asarray(mean), dtype=torch.float32), torch.as_tensor(
+        np.asarray(std), dtype=torch.float32
+    )
 
 
 class RandomFeatureAlignment(nn.Module):
@@ -70,19 +76,29 @@ class RandomFeatureAlignment(nn.Module):
         check_choice("beta_scales", beta_scales, ("std", "variance"))
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
-        self.prior, self.shared, self.normalize, self.reduction, self.seed = prior, shared, normalize, reduction, seed
+        self.prior, self.shared, self.normalize, self.reduction, self.seed = (
+            prior,
+            shared,
+            normalize,
+            reduction,
+            seed,
+        )
         self.spread = beta if beta_scales == "std" else math.sqrt(beta)
         self.mean, self.std, self.low, self.high = mean, std, low, high
         if prior == "data_stats":
             if stats_path is None:
-                raise ValueError("prior=data_stats needs stats_path (a .npz/.pt with per-dimension 'mean' and 'std')")
+                raise ValueError(
+                    "prior=data_stats needs stats_path (a .npz/.pt with per-dimension 'mean' and 'std')"
+                )
             m, s = load_feature_stats(stats_path)
             self.register_buffer("stats_mean", m, persistent=False)
             self.register_buffer("stats_std", s, persistent=False)
 
     def sample(self, n: int, d: int, step: int, device: torch.device, stream: int = 0) -> torch.Tensor:
         """Reference vectors for the *global* batch of ``n`` rows at ``step``; ``stream`` separates independent draws."""
-        gen = torch.Generator(device="cpu").manual_seed(hash((self.seed, step, stream)) & 0x7FFF_FFFF_FFFF_FFFF)
+        gen = torch.Generator(device="cpu").manual_seed(
+            hash((self.seed, step, stream)) & 0x7FFF_FFFF_FFFF_FFFF
+        )
         if self.prior == "uniform":
             r = torch.rand(n, d, generator=gen) * (self.high - self.low) + self.low
             centre = 0.5 * (self.high + self.low)
@@ -93,7 +109,9 @@ class RandomFeatureAlignment(nn.Module):
                 r = self.mean + self.spread * self.std * r
             else:
                 if self.stats_mean.shape[0] != d:
-                    raise ValueError(f"RaFA stats have dimension {self.stats_mean.shape[0]} but features have {d}")
+                    raise ValueError(
+                        f"RaFA stats have dimension {self.stats_mean.shape[0]} but features have {d}"
+                    )
                 r = self.stats_mean.cpu() + self.spread * self.stats_std.cpu() * r
         return r.to(device)
 

@@ -1,0 +1,30 @@
+"""Step/time-based checkpointing that also writes the final state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (every N steps / minutes, ``last.ckpt``) plus a ``last.ckpt`` after the final
+    optimizer step, so the final weights are on disk even when ``max_steps`` is not a multiple of N.
+
+    The final save happens inside the last batch's hooks, like every other step checkpoint, so the saved loop
+    state is a mid-loop state that resumes cleanly (a save from ``on_train_end`` would record a finished loop).
+    Writes are atomic when the trainer uses :class:`alignkit.checkpoint.AtomicCheckpointIO` (the default preset).
+    """
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        final = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+        if final and self.save_last and self.dirpath and trainer.global_step != self._last_global_step_saved:
+            trainer.save_checkpoint(
+                str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+            )
+            self._last_global_step_saved = trainer.global_step
