@@ -71,7 +71,7 @@ def uniformity(x: Tensor, t: float = 2.0, chunk_size: int = 1024) -> float:
         sq = (2.0 - 2.0 * block @ u.T).clamp_min(0.0)
         rows = torch.arange(block.shape[0], device=u.device)
         sq[rows, rows + start] = float("inf")  # exclude u == v (the diagonal)
-        parts.append(torch.logsumexp(-t * sq, dim=None).reshape(1))
+        parts.append(torch.logsumexp((-t * sq).flatten(), dim=0).reshape(1))
     return (torch.logsumexp(torch.cat(parts), dim=0) - math.log(n * (n - 1))).item()
 
 
