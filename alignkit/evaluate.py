@@ -106,8 +106,8 @@ def encode_eval_set_shard(
     """
     rank, world = _rank_world(rank, world_size)
     texts, targets, text_shape = _texts_and_targets(evalset)
-    img_idx = torch.arange(rank, len(evalset.images), world)
-    txt_idx = torch.arange(rank, len(texts), world)
+    img_idx = torch.arange(len(evalset.images))[rank::world]
+    txt_idx = torch.arange(len(texts))[rank::world]
     device = torch.device(device)
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     was_training = model.training
