@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "EFFNET_LITE0_PREPROCESS",
+    "efficientnet_lite0_tower",
     "efficientnet_lite0_transform",
     "efficientnet_lite0_weights_path",
-    "efficientnet_lite0_tower",
     "load_efficientnet_lite0_imagenet",
     "load_minilm",
     "minilm_path",
