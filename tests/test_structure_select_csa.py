@@ -27,7 +27,7 @@ def test_select_best_pair_and_outputs(tmp_path, metric):
     img, txt = _planted()
     i, j, scores = select_layers(img, txt, n_samples=200, metric=metric, seed=1, out_dir=tmp_path)
     assert (i, j) == (1, 2) and scores.shape == (3, 4)
-    rows = list(csv.DictReader(open(tmp_path / "layer_scores.csv")))
+    rows = list(csv.DictReader((tmp_path / "layer_scores.csv").read_text().splitlines()))
     assert len(rows) == 12 and float(rows[1 * 4 + 2][metric]) == pytest.approx(float(scores[1, 2]), abs=1e-6)
     png = (tmp_path / "layer_scores.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
