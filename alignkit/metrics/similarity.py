@@ -57,15 +57,14 @@ def _knn_indices(x: Tensor, k: int, block: int = 1024) -> Tensor:
 
 def _mutual_knn_scores(idx_a: list[Tensor], idx_b: list[Tensor], n: int, k: int) -> Tensor:
     device = idx_a[0].device
-    scores = torch.empty(len(idx_a), len(idx_b), dtype=torch.float64, device=device)
-    for i, ia in enumerate(idx_a):
-        member = torch.zeros(
-            n, n, dtype=torch.bool, device=device
-        )  # one dense membership mask per layer of A
+    all_b = torch.cat(idx_b, dim=1)  # (n, Lb * k): every B layer scored by one gather
+    rows = []
+    for ia in idx_a:
+        member = torch.zeros(n, n, dtype=torch.bool, device=device)  # one dense membership mask per layer of A
         member.scatter_(1, ia, True)
-        for j, ib in enumerate(idx_b):
-            scores[i, j] = member.gather(1, ib).sum(dtype=torch.float64) / (n * k)
-    return scores.cpu()
+        hits = member.gather(1, all_b).view(n, len(idx_b), k)
+        rows.append(hits.sum(dim=(0, 2), dtype=torch.float64) / (n * k))
+    return torch.stack(rows).cpu()
 
 
 def _gram_block(x: Tensor, rows: slice, kind: str, stats: tuple[Tensor, Tensor] | None) -> Tensor:
