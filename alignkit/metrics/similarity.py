@@ -60,7 +60,9 @@ def _mutual_knn_scores(idx_a: list[Tensor], idx_b: list[Tensor], n: int, k: int)
     all_b = torch.cat(idx_b, dim=1)  # (n, Lb * k): every B layer scored by one gather
     rows = []
     for ia in idx_a:
-        member = torch.zeros(n, n, dtype=torch.bool, device=device)  # one dense membership mask per layer of A
+        member = torch.zeros(
+            n, n, dtype=torch.bool, device=device
+        )  # one dense membership mask per layer of A
         member.scatter_(1, ia, True)
         hits = member.gather(1, all_b).view(n, len(idx_b), k)
         rows.append(hits.sum(dim=(0, 2), dtype=torch.float64) / (n * k))
