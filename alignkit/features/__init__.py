@@ -1,0 +1,1 @@
+"""Frozen-encoder feature pipeline: cache, layer selection, training-free CCA baseline."""
