@@ -98,6 +98,13 @@ class AlignModule(L.LightningModule):
             state_dict.update({TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()})
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    # ----- what evaluation and export see -----
+    def eval_interface(self) -> tuple[nn.Module, Callable, Callable]:
+        """(model with open_clip's ``encode_image`` / ``encode_text``, tokenizer, eval preprocess).
+
+        Every training module exposes this, so the evaluation callback and ``eval.py`` work on any workflow."""
+        return self.model, self.encoder.tokenizer, self.encoder.preprocess_val
+
     # ----- forward -----
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         return OpenCLIPEncoder.encode(self.model, images, tokens)
