@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup data test test-fast lint format smoke demo bench clean
+.PHONY: setup data test test-fast lint format smoke bench clean
 
 setup: ## virtualenv with pinned torch 2.14.1 / torchvision 0.29.1 and every test/lint/offline-asset extra
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,7 +18,7 @@ data: ## real offline data from Debian (Fashion-MNIST, openclipart) used by test
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d /usr/share/openclipart/png ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist openclipart-png; fi
 
-test: ## the whole suite (CPU, offline)
+test: setup ## set up (idempotent), then the whole suite (CPU, offline)
 	$(BIN)/python -m pytest -q
 
 test-fast: ## skip the slow end-to-end tier
@@ -32,7 +32,7 @@ format:
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-smoke: ## the offline main job: CLIP-Refine losses on the shipped tiny CLIP and synthetic pairs (< 1 min)
+smoke: setup ## the offline main job: CLIP-Refine losses on the shipped tiny CLIP and synthetic pairs (< 1 min)
 	$(BIN)/python train.py +experiment=smoke
 
 clean:
