@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
@@ -24,9 +25,7 @@ def wandb_logger(
     if id_file.is_file():
         run_id = id_file.read_text().strip()
     else:
-        import wandb.util
-
-        run_id = wandb.util.generate_id()
+        run_id = secrets.token_hex(4)  # 8 lowercase hex chars: a valid wandb run id
         id_file.write_text(run_id)
     offline = offline or os.environ.get("WANDB_MODE") == "offline"
     return WandbLogger(

@@ -30,6 +30,13 @@ def build_callbacks(cfg: DictConfig) -> list:
     ]
 
 
+def finish_loggers(trainer: L.Trainer) -> None:
+    """Close wandb runs so their files are complete (and a later run in the same process starts a new segment)."""
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "WandbLogger" and lg._experiment is not None:
+            lg.experiment.finish()
+
+
 @rank_zero_only
 def save_run_files(cfg: DictConfig, run_dir: Path, summary: dict[str, Any] | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -85,6 +92,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
 
+    finish_loggers(trainer)
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
         "global_step": trainer.global_step,

@@ -152,3 +152,24 @@ def test_resume_from_a_mid_run_checkpoint_continues_at_the_right_step(tmp_path):
     assert second["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
     assert second["global_step"] == 8
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 8
+
+
+def test_wandb_offline_and_tensorboard_loggers_keep_the_run_id_on_resume(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    base = [
+        "+experiment=smoke",
+        "logger=many",
+        "data.num_samples=64",
+        "epochs=1",
+        "export=false",
+        "trainer.log_every_n_steps=1",
+    ]
+    run = tmp_path / "run"
+    train(compose_train([*base, "trainer.max_steps=1"], run))
+    run_id = (run / "wandb_id").read_text().strip()
+    offline_runs = list((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert offline_runs, list((run / "wandb").iterdir())
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    train(compose_train(base, run))  # resumed: same wandb run id, new offline segment of the same run
+    assert (run / "wandb_id").read_text().strip() == run_id
+    assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
