@@ -169,9 +169,7 @@ def _arrays(enc: EncodedEvalSet) -> tuple[torch.Tensor, torch.Tensor]:
     return enc.image, enc.text.reshape(-1, enc.text.shape[-1])
 
 
-def plot_embeddings(
-    panels: Mapping[str, EncodedEvalSet], path: str | Path, title: str | None = None
-) -> Path:
+def plot_embeddings(panels: Mapping[str, EncodedEvalSet], path: str | Path, title: str | None = None) -> Path:
     """One scatter per panel (e.g. {"before (step 0)": enc0, "after (step 64)": enc1}), all in the PCA basis
     of the first panel, with the image and text centroids marked. Needs matplotlib (the ``eval`` extra)."""
     try:

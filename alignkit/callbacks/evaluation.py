@@ -33,7 +33,9 @@ from alignkit.report import (
 
 log = logging.getLogger(__name__)
 
-FIRST_EMBEDDINGS_FILE = "embeddings_first.pt"  # the plot set at the first evaluation, for a resumed run's plot
+FIRST_EMBEDDINGS_FILE = (
+    "embeddings_first.pt"  # the plot set at the first evaluation, for a resumed run's plot
+)
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -103,9 +105,9 @@ class EvaluationCallback(Callback):
     ) -> None:
         step = trainer.global_step
         # With gradient accumulation this hook runs several times per optimizer step: evaluate once.
-        if self.enabled and self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
-            if step != self._last_step:
-                self.evaluate(trainer, pl_module)
+        due = self.every_n_steps and step > 0 and step % self.every_n_steps == 0
+        if self.enabled and due and step != self._last_step:
+            self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
