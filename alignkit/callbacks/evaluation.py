@@ -141,6 +141,7 @@ class EvaluationCallback(Callback):
                 self._first = self._last
                 if trainer.is_global_zero:
                     enc = self._first[1]
+                    self._dir(trainer).mkdir(parents=True, exist_ok=True)
                     torch.save(
                         {"step": step, "set": self.plot_set, "task": enc.task, "image": enc.image}
                         | {"text": enc.text, "targets": enc.targets},
