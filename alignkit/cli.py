@@ -1,34 +1,37 @@
-"""The ``alignkit`` console script: ``alignkit train [hydra overrides]``, ``alignkit export SRC OUT``."""
+"""The ``alignkit`` console script.
+
+alignkit train [hydra overrides]                 # = python train.py
+alignkit eval  [hydra overrides]                 # = python eval.py
+alignkit export RUN_OR_CKPT OUT.safetensors [--prefix model.] [--no-sidecar]
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+COMMANDS = ("train", "eval", "export")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip() if __doc__ else "", "\ncommands: train, export")
+        print(__doc__.strip() if __doc__ else "", f"\ncommands: {', '.join(COMMANDS)}")
         return
     cmd, rest = argv[0], argv[1:]
-    if cmd == "train":
-        from alignkit.train import main as train_main
-
-        sys.argv = [sys.argv[0], *rest]
-        train_main()
+    if cmd in ("train", "eval"):
+        # Hydra reads sys.argv; give it the overrides only.
+        if cmd == "train":
+            from alignkit.train import main as entry
+        else:
+            from alignkit.eval_entry import main as entry
+        sys.argv = [f"{sys.argv[0]} {cmd}", *rest]
+        entry()
     elif cmd == "export":
-        from alignkit.export import export_checkpoint
+        from alignkit.export import main as export_main
 
-        p = argparse.ArgumentParser(
-            prog="alignkit export", description="Lightning checkpoint or run dir -> open_clip state dict"
-        )
-        p.add_argument("src", help="a .ckpt file or a run directory (uses checkpoints/last.ckpt)")
-        p.add_argument("out", help="output .safetensors (or .pt / .bin)")
-        a = p.parse_args(rest)
-        print(export_checkpoint(a.src, a.out))
+        export_main(rest)
     else:
-        raise SystemExit(f"unknown command {cmd!r}; use: alignkit train ... | alignkit export SRC OUT")
+        raise SystemExit(f"unknown command {cmd!r}; use one of: {', '.join(COMMANDS)} (alignkit --help)")
 
 
 if __name__ == "__main__":

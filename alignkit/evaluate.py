@@ -32,6 +32,7 @@ __all__ = [
     "encode_eval_set_shard",
     "evaluate_embeddings",
     "evaluate_model",
+    "evaluate_sets",
     "gather_shards",
     "merge_shards",
 ]
@@ -209,6 +210,43 @@ def evaluate_embeddings(encoded: EncodedEvalSet, name: str | None = None) -> dic
     return out
 
 
+def evaluate_sets(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], Tensor],
+    preprocess: Callable,
+    evalsets: Mapping[str, EvalSet],
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    keep: Sequence[str] = (),
+) -> tuple[dict[str, float], dict[str, EncodedEvalSet]]:
+    """Encode and score every eval set (keys named after the mapping's keys, sorted).
+
+    Every rank must call this (it gathers) and every rank gets the same result. Also returns the
+    embeddings of the sets named in ``keep`` (e.g. for a 2-D projection plot).
+    """
+    metrics: dict[str, float] = {}
+    kept: dict[str, EncodedEvalSet] = {}
+    for name, evalset in evalsets.items():
+        encoded = encode_eval_set(
+            model, tokenizer, preprocess, evalset, batch_size, device, autocast_dtype=autocast_dtype
+        )
+        metrics.update(evaluate_embeddings(encoded, name))
+        if name in keep:
+            kept[name] = encoded
+        rank, world = _rank_world(None, None)
+        n_img = encoded.image.shape[0]
+        log.info(
+            "evaluated %s: %d images (rank %d/%d encoded %d of them)",
+            name,
+            n_img,
+            rank,
+            world,
+            len(range(rank, n_img, world)),
+        )
+    return dict(sorted(metrics.items())), kept
+
+
 def evaluate_model(
     model: torch.nn.Module,
     tokenizer: Callable[[list[str]], Tensor],
@@ -218,9 +256,4 @@ def evaluate_model(
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
     """Encode and score every eval set; every rank must call this (it gathers), every rank gets the dict."""
-    metrics: dict[str, float] = {}
-    for name, evalset in evalsets.items():
-        encoded = encode_eval_set(model, tokenizer, preprocess, evalset, batch_size, device)
-        metrics.update(evaluate_embeddings(encoded, name))
-        log.info("evaluated %s (%d images)", name, encoded.image.shape[0])
-    return dict(sorted(metrics.items()))
+    return evaluate_sets(model, tokenizer, preprocess, evalsets, batch_size, device)[0]

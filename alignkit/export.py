@@ -17,14 +17,24 @@ from typing import Any
 
 import torch
 
-__all__ = ["export_checkpoint", "extract_state_dict", "find_architecture", "main"]
+__all__ = [
+    "export_checkpoint",
+    "export_module",
+    "extract_state_dict",
+    "find_architecture",
+    "load_checkpoint",
+    "main",
+    "resolve_checkpoint",
+    "write_state_dict",
+]
 
 log = logging.getLogger(__name__)
 
 ARCH_KEYS = ("model_name", "arch", "architecture")
 
 
-def _resolve(src: str | Path) -> Path:
+def resolve_checkpoint(src: str | Path) -> Path:
+    """A ``.ckpt`` file as it is, or ``<run dir>/checkpoints/last.ckpt`` for a run directory."""
     p = Path(src)
     if p.is_dir():
         ckpt = p / "checkpoints" / "last.ckpt"
@@ -38,7 +48,8 @@ def _resolve(src: str | Path) -> Path:
     return p
 
 
-def _load(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load`` on CPU; safe loader first, full unpickling only for our own Lightning checkpoints."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -86,6 +97,9 @@ def _search(obj: Any, depth: int = 0) -> str | None:
 
 def find_architecture(ckpt: Mapping[str, Any]) -> str | None:
     """open_clip architecture name from ``ckpt["alignkit"]`` or ``ckpt["hyper_parameters"]``, if recorded."""
+    spec = _encoder_spec(ckpt)
+    if spec.get("kind") == "open_clip" and isinstance(spec.get("model"), str):
+        return spec["model"]  # what AlignModule.on_save_checkpoint records
     for section in ("alignkit", "hyper_parameters"):
         value = ckpt.get(section)
         if value is not None:
@@ -102,6 +116,63 @@ def find_architecture(ckpt: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _encoder_spec(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    section = ckpt.get("alignkit")
+    spec = section.get("encoder") if isinstance(section, Mapping) else None
+    return dict(spec) if isinstance(spec, Mapping) else {}
+
+
+def write_state_dict(
+    state: Mapping[str, torch.Tensor], out_path: str | Path, meta: Mapping[str, Any] | None = None
+) -> Path:
+    """Write ``state`` atomically (``.safetensors`` with safetensors, else ``torch.save``); with ``meta``, also
+    ``OUT.json`` next to it. The one writer behind :func:`export_checkpoint` and :func:`export_module`."""
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        # safetensors refuses tensors that share storage; independent contiguous copies are loaded identically.
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, str(tmp))
+    else:
+        torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, tmp)
+    tmp.replace(out)  # atomic: a crash never leaves a half-written export under the final name
+    if meta is not None:
+        out.with_suffix(".json").write_text(json.dumps(dict(meta), indent=2, default=str) + "\n")
+        if meta.get("architecture") is None:
+            log.info("export: no architecture name in the checkpoint; pass the right --model to open_clip")
+    return out
+
+
+def _meta(source: str, ckpt: Mapping[str, Any], n: int) -> dict[str, Any]:
+    spec = _encoder_spec(ckpt)
+    meta: dict[str, Any] = {"source": source, "architecture": find_architecture(ckpt), "num_tensors": n}
+    for key in ("pretrained", "force_quick_gelu", "preprocess"):
+        if key in spec:
+            meta[key] = spec[key]
+    return meta
+
+
+def export_module(
+    module: torch.nn.Module, out_path: str | Path, prefix: str = "model.", sidecar: bool = True
+) -> Path:
+    """Export a training module in memory (e.g. at the end of ``train()``), exactly as its checkpoint would be.
+
+    Builds the same dict ``on_save_checkpoint`` gives a checkpoint (state dict without the teacher, plus
+    the ``alignkit`` section) and goes through :func:`extract_state_dict` and :func:`write_state_dict`.
+    """
+    ckpt: dict[str, Any] = {"state_dict": module.state_dict()}
+    hook = getattr(module, "on_save_checkpoint", None)
+    if callable(hook):
+        hook(ckpt)
+    state = extract_state_dict(ckpt, prefix)
+    source = f"in-memory {type(module).__name__}"
+    out = write_state_dict(state, out_path, _meta(source, ckpt, len(state)) if sidecar else None)
+    log.info("exported %d tensors to %s", len(state), out)
+    return out
+
+
 def export_checkpoint(
     src: str | Path, out_path: str | Path, prefix: str = "model.", sidecar: bool = True
 ) -> Path:
@@ -111,26 +182,10 @@ def export_checkpoint(
     to the output (``OUT.json``) records the source and the architecture when the checkpoint names it.
     Returns the output path.
     """
-    ckpt_path = _resolve(src)
-    ckpt = _load(ckpt_path)
+    ckpt_path = resolve_checkpoint(src)
+    ckpt = load_checkpoint(ckpt_path)
     state = extract_state_dict(ckpt, prefix)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        # safetensors refuses tensors that share storage; independent contiguous copies are loaded identically.
-        save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(tmp))
-    else:
-        torch.save({k: v.detach().clone() for k, v in state.items()}, tmp)
-    tmp.replace(out)  # atomic: a crash never leaves a half-written export under the final name
-    if sidecar:
-        arch = find_architecture(ckpt)
-        meta = {"source": str(ckpt_path), "architecture": arch, "num_tensors": len(state)}
-        out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-        if arch is None:
-            log.info("export: no architecture name in the checkpoint; pass the right --model to open_clip")
+    out = write_state_dict(state, out_path, _meta(str(ckpt_path), ckpt, len(state)) if sidecar else None)
     log.info("exported %d tensors from %s to %s", len(state), ckpt_path, out)
     return out
 

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from alignkit.checkpoint import resolve_ckpt_path
+from alignkit.export import export_module
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -43,14 +44,6 @@ def save_run_files(cfg: DictConfig, run_dir: Path, summary: dict[str, Any] | Non
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if summary is not None:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-
-
-def export_student(module, path: Path) -> Path:
-    """The trained student as a plain open_clip state dict (no Lightning or teacher prefixes)."""
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous().cpu() for k, v in module.model.state_dict().items()}, str(path))
-    return path
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -100,7 +93,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
     if cfg.get("export") and trainer.is_global_zero:
-        summary["exported"] = str(export_student(module, run_dir / "model.safetensors"))
+        # The same path as `alignkit export` on a checkpoint: plain open_clip keys + a model.json sidecar.
+        summary["exported"] = str(export_module(module, run_dir / "model.safetensors"))
     save_run_files(cfg, run_dir, summary)
     return summary
 

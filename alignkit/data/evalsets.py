@@ -142,7 +142,10 @@ def load_wds_eval_set(path: str | Path, name: str | None = None, split: str = "t
     """
     root = Path(path)
     if not root.is_dir():
-        raise EvalSetError(f"{root}: eval-set directory not found.")
+        raise EvalSetError(
+            f"{root}: eval-set directory not found. Build it with scripts/build_evalsets.py (see "
+            f"docs/evaluation.md) or fix the path (configs/evalsets/*.yaml read it from paths.data_dir)."
+        )
     shard_dir = root / split if (root / split).is_dir() else root
     shards = sorted(shard_dir.glob("*.tar"), key=_shard_sort_key)
     if not shards:

@@ -6,11 +6,14 @@ loss means something.
 
 from __future__ import annotations
 
+import io
 import random
+from typing import Literal
 
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from alignkit.data.evalsets import ClassificationSet, EvalSet, ImageList, RetrievalSet
 from alignkit.data.samples import PairTransform
 
 COLORS = {
@@ -69,3 +72,43 @@ class SyntheticShapes(Dataset):
             "skipped": 0,
             "worker": 0,
         }
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def synthetic_eval_set(
+    task: Literal["classification", "retrieval"] = "classification",
+    name: str = "shapes",
+    per_class: int = 5,
+    image_size: int = 32,
+    seed: int = 12345,
+) -> EvalSet:
+    """An in-memory eval set of the smoke data's distribution (no files).
+
+    * ``classification``: ``per_class`` images of each of the 18 colour × shape classes; class names
+      "red square", ...; the single template "a {c}" gives exactly the training captions.
+    * ``retrieval``: ``per_class`` images per class, each with the captions "a <colour> <shape>" and
+      "a <shape> that is <colour>". Use ``per_class=1``: with more, several gallery images share the same
+      captions and retrieval becomes ambiguous.
+
+    Positions and sizes come from ``seed`` (keep it apart from the training seed).
+    """
+    if task not in ("classification", "retrieval"):
+        raise ValueError(f"synthetic_eval_set: task={task!r} is not classification or retrieval")
+    if per_class < 1:
+        raise ValueError(f"synthetic_eval_set: per_class must be >= 1, got {per_class}")
+    rng = random.Random(seed)
+    classes = [(c, s) for c in COLORS for s in SHAPES]
+    images, labels, captions = [], [], []
+    for label, (color, shape) in enumerate(classes):
+        for _ in range(per_class):
+            images.append(_png(draw_shape(color, shape, image_size, rng)))
+            labels.append(label)
+            captions.append([f"a {color} {shape}", f"a {shape} that is {color}"])
+    if task == "classification":
+        return ClassificationSet(name, ImageList(images), labels, [f"{c} {s}" for c, s in classes], ["a {c}"])
+    return RetrievalSet(name, ImageList(images), captions)

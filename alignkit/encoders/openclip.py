@@ -159,6 +159,9 @@ class OpenCLIPEncoder:
             "model": self.model,
             "pretrained": self.pretrained,
             "force_quick_gelu": self.force_quick_gelu,
+            # the eval transform's settings (mean/std/interpolation/resize mode): a pretrained tag can change
+            # them, and a rebuild from the architecture name alone would silently use the defaults
+            "preprocess": dict(getattr(self.module.visual, "preprocess_cfg", {}) or {}),
         }
 
     @staticmethod

@@ -1,0 +1,185 @@
+"""Standalone evaluation: ``python eval.py model.ckpt=RUN_OR_CKPT evalsets=[...]`` or
+``python eval.py model.name=ARCH model.pretrained=TAG_OR_FILE evalsets=[...]``.
+
+Writes the same ``metrics.json`` / ``report.md`` / ``embeddings.png`` as the training callback into its
+output directory, with the same metric names (``val/zs/<set>/top1`` ...), so the numbers can be compared
+key by key with a training run's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import open_clip
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from alignkit.callbacks.evaluation import build_evalsets
+from alignkit.encoders.openclip import WeightsUnavailableError, create_open_clip, register_shipped_configs
+from alignkit.evaluate import evaluate_sets
+from alignkit.export import extract_state_dict, find_architecture, load_checkpoint, resolve_checkpoint
+from alignkit.report import (
+    METRICS_FILE,
+    PLOT_FILE,
+    REPORT_FILE,
+    atomic_write_text,
+    choose_plot_set,
+    plot_embeddings,
+    render_report,
+    save_history,
+)
+
+__all__ = ["LoadedModel", "evaluate", "load_model", "main"]
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+_AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """What evaluation needs: an open_clip-style model, its tokenizer and eval preprocess, and a label."""
+
+    model: nn.Module
+    tokenizer: Any
+    preprocess: Any
+    step: int
+    description: str
+
+
+def _from_checkpoint(src: str, name: str | None, precision: str) -> LoadedModel:
+    path = resolve_checkpoint(src)
+    ckpt = load_checkpoint(path)
+    section = ckpt.get("alignkit") if isinstance(ckpt.get("alignkit"), dict) else {}
+    spec = dict(section.get("encoder") or {})
+    if spec.get("kind", "open_clip") != "open_clip":
+        raise ValueError(
+            f"{path}: the student is a {spec.get('kind')!r} model; eval.py rebuilds open_clip students from "
+            f"checkpoints. Evaluate such runs with the training callback (evalsets=...)."
+        )
+    arch = name or find_architecture(ckpt)
+    if arch is None:
+        raise ValueError(
+            f"{path}: the checkpoint does not record its open_clip architecture; pass model.name=ARCH"
+        )
+    register_shipped_configs()
+    if arch not in open_clip.list_models():
+        raise ValueError(f"{path}: unknown open_clip architecture {arch!r}; pass model.name=ARCH")
+    pp = spec.get("preprocess") or {}
+    # Random init, then the trained weights: the starting weights (e.g. a pretrained tag) are never needed.
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        arch,
+        pretrained=None,
+        precision=precision,
+        force_quick_gelu=bool(spec.get("force_quick_gelu", False)),
+        image_mean=tuple(pp["mean"]) if "mean" in pp else None,
+        image_std=tuple(pp["std"]) if "std" in pp else None,
+        image_interpolation=pp.get("interpolation"),
+        image_resize_mode=pp.get("resize_mode"),
+    )
+    state = extract_state_dict(ckpt)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: weights do not fit open_clip {arch!r}: missing {result.missing_keys[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]}. Pass the right model.name=ARCH."
+        )
+    step = int(ckpt.get("global_step", 0))
+    return LoadedModel(
+        model, open_clip.get_tokenizer(arch), preprocess, step, f"{arch} from {path} (step {step})"
+    )
+
+
+def load_model(
+    ckpt: str | None = None,
+    name: str | None = None,
+    pretrained: str | None = None,
+    precision: str = "fp32",
+    force_quick_gelu: bool = False,
+    cache_dir: str | None = None,
+) -> LoadedModel:
+    """A training run's student (``ckpt``: run directory or ``.ckpt``; ``name`` overrides the recorded
+    architecture) or an open_clip model (``name`` + ``pretrained`` tag / local file / None)."""
+    if ckpt:
+        if pretrained:
+            raise ValueError("pass either model.ckpt or model.pretrained, not both")
+        return _from_checkpoint(str(ckpt), name, precision)
+    if not name:
+        raise ValueError(
+            "nothing to evaluate: pass model.ckpt=RUN_DIR_OR_CKPT, or model.name=ARCH "
+            "[model.pretrained=TAG_OR_FILE]"
+        )
+    try:
+        model, _, preprocess = create_open_clip(
+            name, pretrained, precision=precision, cache_dir=cache_dir, force_quick_gelu=force_quick_gelu
+        )
+    except WeightsUnavailableError as e:
+        # The encoder's message, with the option spelled as eval.py names it.
+        raise WeightsUnavailableError(
+            f"{e}\n(In eval.py the same options are model.pretrained=... and model.cache_dir=...)"
+        ) from e
+    return LoadedModel(
+        model, open_clip.get_tokenizer(name), preprocess, 0, f"{name} (pretrained={pretrained})"
+    )
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Load the model, evaluate every selected set, write metrics.json / report.md / embeddings.png."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    evalsets = build_evalsets(cfg.evalsets)
+    if not evalsets:
+        raise ValueError("no eval sets selected: pass e.g. evalsets=[synthetic] or evalsets=offline")
+    plot_set = choose_plot_set(evalsets, cfg.get("plot_set"))
+    m = cfg.model
+    loaded = load_model(m.ckpt, m.name, m.pretrained, m.precision, m.force_quick_gelu, m.cache_dir)
+    device = _device(cfg.device)
+    loaded.model.to(device)
+    metrics, kept = evaluate_sets(
+        loaded.model,
+        loaded.tokenizer,
+        loaded.preprocess,
+        evalsets,
+        batch_size=cfg.batch_size,
+        device=device,
+        autocast_dtype=_AUTOCAST[cfg.get("autocast")],
+        keep=[plot_set],
+    )
+    metrics = {"val/" + k: v for k, v in metrics.items()}
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    history = {loaded.step: metrics}
+    save_history(history, out / METRICS_FILE)
+    plot = None
+    try:
+        plot_embeddings(
+            {loaded.description: kept[plot_set]}, out / PLOT_FILE, f"{plot_set}: image vs text (PCA)"
+        )
+        plot = PLOT_FILE
+    except ImportError as e:
+        log.warning("no %s: %s", PLOT_FILE, e)
+    details = {"model": loaded.description, "eval sets": ", ".join(evalsets)}
+    atomic_write_text(out / REPORT_FILE, render_report(history, "Evaluation report", details, plot))
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("wrote %s and %s", out / METRICS_FILE, out / REPORT_FILE)
+    return {"output_dir": str(out), "step": loaded.step, "metrics": metrics}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
