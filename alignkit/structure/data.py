@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from alignkit.features.cache import FeatureCache, encode_batches, feature_key
+from alignkit.features.cache import CacheError, FeatureCache, encode_batches, feature_key
 from alignkit.structure.pairs import PairTable, read_pairs
 from alignkit.structure.towers import FrozenTowers
 
@@ -159,7 +159,10 @@ class FeaturePairDataModule(L.LightningDataModule):
         elif source == "csv" and (train_csv is None or not Path(train_csv).is_file()):
             raise FileNotFoundError(f"data.train_csv={train_csv!r} does not exist")
         # Fails now (CacheError naming the directory) if the cache cannot be written: before any encoding.
-        self.cache = FeatureCache(cache_dir)
+        try:
+            self.cache = FeatureCache(cache_dir)
+        except CacheError as err:
+            raise CacheError(f"{err} (data.cache_dir, default ${{paths.cache_dir}}/features)") from err
         self.table: PairTable | None = None
         self.feats: dict[str, Tensor] = {}
         self.info: dict[str, Any] = {}

@@ -192,6 +192,8 @@ def open_clip_blocker(model: AlignedDualEncoder) -> str | None:
         return "the heads have different output sizes"
     if t.vision_spec.get("kind") not in ("timm", "effnet_lite0_offline"):
         return f"vision tower kind {t.vision_spec.get('kind')!r} has no open_clip equivalent"
+    if t.vision_spec.get("model_kwargs"):
+        return "open_clip's timm config cannot pass encoder.vision.model_kwargs"
     if t.vision_spec.get("kind") == "timm" and t.vision.is_vit and t.vision.pool != "cls":
         return "ViT average pooling is not mapped to open_clip's timm pooling here"
     return None
@@ -200,10 +202,11 @@ def open_clip_blocker(model: AlignedDualEncoder) -> str | None:
 def export_open_clip(
     model: AlignedDualEncoder, out_dir: str | Path, name: str = "alignkit-structure"
 ) -> Path:
-    """Write ``open_clip_config.json`` (a ``CustomTextCLIP`` config) and ``open_clip_model.safetensors``.
+    """Write ``<name>.json`` (a ``CustomTextCLIP`` config), ``open_clip_model.safetensors`` and ``preprocess.json``.
 
-    Load with ``open_clip.add_model_config(out_dir / "open_clip_config.json")`` then
-    ``open_clip.create_model_and_transforms(name, pretrained=out_dir / "open_clip_model.safetensors")``; the timm
+    Load with ``open_clip.add_model_config(out_dir / f"{name}.json")`` then
+    ``open_clip.create_model_and_transforms(name, pretrained=str(out_dir / "open_clip_model.safetensors"),
+    **json.loads((out_dir / "preprocess.json").read_text()))``; the timm
     trunk's own classifier (``num_classes = embed_dim``, with bias) carries the image head, and the HF tower's
     linear projection the text head. Raises ``ValueError`` with the reason when not possible.
     """
@@ -229,11 +232,6 @@ def export_open_clip(
             "timm_pool": pool,
             "timm_proj": "",  # the trunk's classifier (with bias) is the projection
             "image_size": size,
-            **(
-                {"timm_model_kwargs": dict(vspec.get("model_kwargs") or {})}
-                if vspec.get("model_kwargs")
-                else {}
-            ),
         },
         "text_cfg": {
             "hf_model_name": text_path,
@@ -242,11 +240,6 @@ def export_open_clip(
             "hf_pooler_type": "mean_pooler",
             "hf_proj_type": "linear",
             "context_length": t.context_length,
-        },
-        "preprocess_cfg": {
-            "mean": list(t.data_cfg["mean"]),
-            "std": list(t.data_cfg["std"]),
-            "interpolation": "bicubic",
         },
     }
     sd: dict[str, Tensor] = {}
@@ -259,12 +252,16 @@ def export_open_clip(
         model.image_head.proj.bias if model.image_head.proj.bias is not None else torch.zeros(embed)
     )
     for k, v in t.text.model.state_dict().items():
-        sd[f"text.transformer.{k}"] = v
+        # open_clip builds its HF transformer without the BERT pooler (mean pooling does not use it).
+        if not k.startswith("pooler."):
+            sd[f"text.transformer.{k}"] = v
     sd["text.proj.weight"] = model.text_head.proj.weight
     sd["logit_scale"] = model.logit_scale.reshape(())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "open_clip_config.json").write_text(json.dumps({"name": name, **cfg}, indent=1))
+    (out / f"{name}.json").write_text(json.dumps(cfg, indent=1))
+    pre = {"image_mean": list(t.data_cfg["mean"]), "image_std": list(t.data_cfg["std"])}
+    (out / "preprocess.json").write_text(json.dumps(pre, indent=1))
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(out / "open_clip_model.safetensors")
     )
