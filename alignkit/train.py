@@ -55,13 +55,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Data first: a missing path or empty shard list fails before any model is built.
     datamodule = instantiate(cfg.data)
     encoder = instantiate(cfg.encoder)
-    datamodule.attach(encoder.preprocess_train, encoder.preprocess_val, encoder.tokenizer)
+    if hasattr(datamodule, "attach"):  # image-text pipelines take the model's preprocess and tokenizer
+        datamodule.attach(encoder.preprocess_train, encoder.preprocess_val, encoder.tokenizer)
+    # Frozen-encoder data nodes cache features and select layers first; the module is built from what they found.
+    prepare = getattr(datamodule, "prepare_features", None)
+    found = prepare(encoder, run_dir) if prepare is not None else {}
     # Built objects are passed to a partial, not to instantiate(): Hydra would turn dataclasses back into configs.
     module = instantiate(cfg.module, _partial_=True)(
         encoder=encoder,
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler),
+        **found,
     )
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False
@@ -93,8 +98,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
     if cfg.get("export") and trainer.is_global_zero:
-        # The same path as `alignkit export` on a checkpoint: plain open_clip keys + a model.json sidecar.
-        summary["exported"] = str(export_module(module, run_dir / "model.safetensors"))
+        # Modules with their own format (frozen towers) export themselves; open_clip students take the same path
+        # as `alignkit export` on a checkpoint: plain open_clip keys + a model.json sidecar.
+        export_to = getattr(module, "export_to", None)
+        summary["exported"] = (
+            export_to(run_dir) if export_to else str(export_module(module, run_dir / "model.safetensors"))
+        )
     save_run_files(cfg, run_dir, summary)
     return summary
 

@@ -1,0 +1,245 @@
+"""Real image-caption pairs and eval sets from data that installs offline (the ``structure_offline`` demo).
+
+Sources (``apt-get install -y dataset-fashion-mnist openclipart-png``):
+
+* Fashion-MNIST *train* images of every class except ``holdout`` (default: bag, ankle boot), each with two
+  templated captions ("a photo of a pullover.", ...) → training pairs;
+* Fashion-MNIST *test* (all 10 classes) → zero-shot eval set (CLIP_benchmark wds layout);
+* openclipart PNGs with captions from their file names and category folders; a seeded split gives disjoint
+  held-out (retrieval eval set) and training images.
+
+:func:`ensure_offline_pairs` writes ``root/train/*.tar`` (+ ``sizes.json``), ``root/eval/fashion_mnist`` and
+``root/eval/openclipart`` and a ``manifest.json`` of the parameters; a second call with the same parameters
+returns at once, different parameters rebuild. Building goes to a temporary directory renamed at the end.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import random
+import re
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FASHION_CLASSES", "clipart_captions", "ensure_offline_pairs", "read_idx"]
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+OPENCLIPART_DIR = "/usr/share/openclipart/png"
+FASHION_CLASSES = [
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+]  # fmt: skip
+EVAL_TEMPLATES = [
+    "a photo of a {c}.",
+    "a black and white photo of a {c}.",
+    "a low resolution photo of a {c}.",
+    "a product photo of a {c}.",
+]
+TRAIN_TEMPLATES = [
+    "a photo of a {c}.",
+    "a black and white photo of a {c}.",
+    "a grayscale picture of a {c}.",
+    "a small image of a {c}.",
+    "a {c} on a dark background.",
+    "a product photo of a {c}.",
+]
+VERSION = 1
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX (MNIST-format) ``.gz`` file: 2 zero bytes, dtype code, ndim, big-endian int32 dims, data."""
+    with gzip.open(path) as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in re.split(r"[\s_\-.]+", text.lower()) if w and not w.isdigit()]
+
+
+def clipart_captions(rel: Path) -> list[str]:
+    """Captions from the file name and, when it adds words, the category path (same rule as the eval builder)."""
+    name = _words(rel.stem)
+    if not name:
+        return []
+    caps = [f"clip art of {' '.join(name)}."]
+    cats = [c for c in (" ".join(_words(p)) for p in rel.parent.parts) if c]
+    if cats and set(" ".join(cats).split()) - set(name):
+        caps.append(f"{' '.join(name)}, a drawing from the category {', '.join(cats)}.")
+    return caps
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_tars(out: Path, samples: Iterable[dict], per_shard: int = 1000) -> dict[str, int]:
+    import webdataset as wds
+
+    out.mkdir(parents=True, exist_ok=True)
+    sizes: dict[str, int] = {}
+    with wds.ShardWriter(str(out / "%05d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for s in samples:
+            sink.write(s)
+    for tar in sorted(out.glob("*.tar")):
+        sizes[tar.name] = sum(1 for _ in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False))
+    (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
+    return sizes
+
+
+def _clipart(src: Path, max_file_bytes: int, max_side: int) -> list[tuple[Path, list[str]]]:
+    """Candidate clip-art files: one per distinct caption set, not too big to decode quickly."""
+    by_caption: dict[tuple[str, ...], Path] = {}
+    for f in sorted(src.rglob("*.png")):
+        caps = tuple(clipart_captions(f.relative_to(src)))
+        if caps and f.stat().st_size <= max_file_bytes:
+            by_caption.setdefault(caps, f)
+    return [(f, list(c)) for c, f in sorted(by_caption.items(), key=lambda kv: kv[1])]
+
+
+def _load_clipart(f: Path, max_side: int) -> bytes | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(f) as im:
+                if im.width * im.height > 20_000_000:
+                    return None
+                rgba = im.convert("RGBA")
+        rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    except (OSError, Image.DecompressionBombError) as err:
+        log.warning("skipping unreadable clip art %s (%s)", f, err)
+        return None
+    rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return _png(rgb)
+
+
+def ensure_offline_pairs(
+    root: str | Path,
+    fashion_train: int = 4000,
+    clipart_train: int = 3000,
+    fashion_test: int = 2000,
+    clipart_test: int = 1000,
+    holdout: Sequence[str] = ("bag", "ankle boot"),
+    captions_per_image: int = 2,
+    max_side: int = 128,
+    max_file_bytes: int = 1_500_000,
+    seed: int = 0,
+    fashion_dir: str = FASHION_DIR,
+    openclipart_dir: str = OPENCLIPART_DIR,
+) -> Path:
+    """Build (or reuse) the offline pairs and eval sets under ``root`` (module docstring); returns ``root``."""
+    root = Path(root)
+    params = {k: v for k, v in locals().items() if k != "root"}
+    params["holdout"] = list(holdout)
+    params["version"] = VERSION
+    manifest = root / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()) == params:
+        return root
+    bad = sorted(set(holdout) - set(FASHION_CLASSES))
+    if bad:
+        raise ValueError(f"holdout classes {bad} are not Fashion-MNIST classes {FASHION_CLASSES}")
+    fdir, cdir = Path(fashion_dir), Path(openclipart_dir)
+    if not (fdir / "train-images-idx3-ubyte.gz").is_file():
+        raise FileNotFoundError(f"{fdir}: no Fashion-MNIST; `apt-get install -y dataset-fashion-mnist`")
+    if not cdir.is_dir():
+        raise FileNotFoundError(f"{cdir}: no openclipart PNGs; `apt-get install -y openclipart-png`")
+    log.info("building offline pairs in %s (%s)", root, params)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".tmp-{root.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        _build(tmp, params, fdir, cdir)
+        (tmp / "manifest.json").write_text(json.dumps(params, indent=1))
+        if root.exists():
+            shutil.rmtree(root)
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def _build(out: Path, p: dict, fdir: Path, cdir: Path) -> None:
+    rng = random.Random(p["seed"])
+    # Fashion-MNIST training pairs (held-out classes excluded), k distinct templated captions per image.
+    images, labels = (
+        read_idx(fdir / "train-images-idx3-ubyte.gz"),
+        read_idx(fdir / "train-labels-idx1-ubyte.gz"),
+    )
+    held = {FASHION_CLASSES.index(c) for c in p["holdout"]}
+    pool = [i for i in range(len(labels)) if int(labels[i]) not in held]
+    fm = sorted(rng.sample(pool, min(p["fashion_train"], len(pool))))
+    k = max(1, min(p["captions_per_image"], len(TRAIN_TEMPLATES)))
+
+    def fashion_samples():
+        for i in fm:
+            c = FASHION_CLASSES[int(labels[i])]
+            caps = [t.format(c=c) for t in rng.sample(TRAIN_TEMPLATES, k)]
+            yield {
+                "__key__": f"fm{i:05d}",
+                "png": _png(Image.fromarray(images[i], "L")),
+                "txt": "\n".join(caps),
+            }
+
+    # openclipart: disjoint held-out (eval) and training images.
+    cands = _clipart(cdir, p["max_file_bytes"], p["max_side"])
+    order = list(range(len(cands)))
+    rng.shuffle(order)
+    test_rows: list[tuple[Path, list[str], bytes]] = []
+    train_rows: list[tuple[Path, list[str], bytes]] = []
+    for i in order:
+        if len(test_rows) >= p["clipart_test"] and len(train_rows) >= p["clipart_train"]:
+            break
+        f, caps = cands[i]
+        data = _load_clipart(f, p["max_side"])
+        if data is None:
+            continue
+        (test_rows if len(test_rows) < p["clipart_test"] else train_rows).append((f, caps, data))
+
+    def clipart_samples():
+        for j, (_f, caps, data) in enumerate(train_rows):
+            yield {"__key__": f"oc{j:05d}", "png": data, "txt": "\n".join(caps)}
+
+    def mixed():
+        yield from fashion_samples()
+        yield from clipart_samples()
+
+    sizes = _write_tars(out / "train", mixed())
+    # Eval sets (CLIP_benchmark layout, readable by alignkit.data.evalsets.load_eval_set).
+    ev = out / "eval" / "fashion_mnist"
+    ti, tl = read_idx(fdir / "t10k-images-idx3-ubyte.gz"), read_idx(fdir / "t10k-labels-idx1-ubyte.gz")
+    sub = sorted(random.Random(p["seed"] + 1).sample(range(len(tl)), min(p["fashion_test"], len(tl))))
+    _write_tars(
+        ev / "test",
+        (
+            {"__key__": f"{i:05d}", "png": _png(Image.fromarray(ti[i], "L")), "cls": str(int(tl[i]))}
+            for i in sub
+        ),
+    )
+    (ev / "dataset_type.txt").write_text("classification\n")
+    (ev / "classnames.txt").write_text("\n".join(FASHION_CLASSES) + "\n")
+    (ev / "zeroshot_classification_templates.txt").write_text("\n".join(EVAL_TEMPLATES) + "\n")
+    ec = out / "eval" / "openclipart"
+    _write_tars(
+        ec / "test",
+        ({"__key__": f"{j:05d}", "png": d, "txt": "\n".join(c)} for j, (_f, c, d) in enumerate(test_rows)),
+    )
+    (ec / "dataset_type.txt").write_text("retrieval\n")
+    (ec / "members.txt").write_text("".join(f"{f.relative_to(cdir)}\n" for f, _, _ in test_rows))
+    log.info(
+        "offline pairs: %d training samples (%d Fashion-MNIST, %d openclipart) in %d shards; eval %d + %d",
+        sum(sizes.values()), len(fm), len(train_rows), len(sizes), len(sub), len(test_rows),
+    )  # fmt: skip

@@ -1,0 +1,255 @@
+"""Frozen-encoder alignment through train(): tiny towers, cached and online features, resume, exports, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import compose_train, synthetic_shards
+from omegaconf import open_dict
+
+from alignkit.train import train
+
+TINY_VISION = {"kind": "timm", "model": "test_vit", "pretrained": False, "pool": "cls", "init_seed": 0}
+
+
+@pytest.fixture(scope="module")
+def tiny_text_dir(tmp_path_factory):
+    """A 2-layer random BERT with all-MiniLM-L6-v2's tokenizer, saved like a hub model (reloadable by path)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from alignkit.encoders.offline import minilm_path
+
+    out = tmp_path_factory.mktemp("tiny_bert")
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    BertModel(cfg, add_pooling_layer=False).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pairs")
+    synthetic_shards(out, n=96, per_shard=48)
+    return str(out)
+
+
+def tiny_cfg(tmp_path, shards, text_dir, *extra):
+    cfg = compose_train(
+        [
+            "+experiment=structure",
+            "encoder=frozen_towers",
+            f"data.train_shards={shards}",
+            f"paths.cache_dir={tmp_path}/cache",
+            "data.batch_size=16",
+            "data.encode_batch_size=32",
+            "data.selection.n_samples=64",
+            "data.selection.k=5",
+            "module.image_head.out_dim=16",
+            "module.text_head.out_dim=16",
+            "loss.align.warmup_steps=4",
+            "epochs=2",
+            "trainer.accelerator=cpu",
+            "trainer.log_every_n_steps=1",
+            "callbacks.checkpoint.every_n_train_steps=3",
+            *extra,
+        ],
+        tmp_path / "run",
+    )
+    with open_dict(cfg):
+        cfg.encoder.vision = dict(TINY_VISION)
+        cfg.encoder.text = {"kind": "hf", "path": text_dir}
+        cfg.encoder.context_length = 16
+    return cfg
+
+
+def _head_keys(ckpt_path):
+    return sorted(torch.load(ckpt_path, weights_only=False)["state_dict"])
+
+
+def test_tiny_end_to_end_cached(tmp_path, shards, tiny_text_dir):
+    from alignkit.structure.model import load_aligned
+
+    summary = train(tiny_cfg(tmp_path, shards, tiny_text_dir))
+    run = tmp_path / "run"
+    assert summary["global_step"] == 12  # 96 pairs / 16 = 6 steps x 2 epochs
+    sel = json.loads((run / "selection.json").read_text())
+    assert sel["pairs"] == 96 and sel["images"] == 96 and (run / "layer_scores.csv").is_file()
+    keys = _head_keys(run / "checkpoints" / "last.ckpt")
+    assert keys and all(
+        k.startswith(("model.image_head.", "model.text_head.", "model.logit_scale")) for k in keys
+    )
+    assert "open_clip" not in summary["exported"]  # selected layers are not both final (or not linear-only)
+    # The export reloads (towers from their specs) and encodes like the trained module.
+    model, tok, pre = load_aligned(run / "model")
+    from PIL import Image
+
+    img = pre(Image.new("RGB", (40, 40), (200, 30, 30))).unsqueeze(0)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    heads = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    torch.testing.assert_close(model.image_head.proj.weight, heads["image_head.proj.weight"])
+    with torch.no_grad():
+        z = model.encode_image(img)
+        t = model.encode_text(tok(["a red circle"]))
+    assert z.shape == (1, 16) and t.shape == (1, 16)
+
+
+def test_eval_interface_is_tap_then_head(tmp_path, shards, tiny_text_dir):
+    from hydra.utils import instantiate
+
+    cfg = tiny_cfg(
+        tmp_path,
+        shards,
+        tiny_text_dir,
+        "data.selection.mode=fixed",
+        "data.image_layer=1",
+        "data.text_layer=-2",
+    )
+    dm, enc = instantiate(cfg.data), instantiate(cfg.encoder)
+    found = dm.prepare_features(enc, tmp_path / "run")
+    assert (found["image_layer"], found["text_layer"]) == (1, 1)
+    module = instantiate(cfg.module, _partial_=True)(
+        encoder=enc, loss=instantiate(cfg.loss), optimizer=instantiate(cfg.optimizer), **found
+    )
+    model, tokenizer, preprocess = module.eval_interface()
+    from PIL import Image
+
+    images = torch.stack([preprocess(Image.new("RGB", (32, 32), c)) for c in [(255, 0, 0), (0, 0, 255)]])
+    tokens = tokenizer(["a red square", "a blue triangle on the left"])
+    with torch.no_grad():
+        vit = enc.vision.model
+        x = vit.forward_intermediates(
+            images, indices=[1], return_prefix_tokens=True, norm=False, intermediates_only=True
+        )
+        by_hand_img = module.model.image_head(x[0][1][:, 0])  # class token after block 1, before the norm
+        bert = enc.text.model
+        mask = (tokens != enc.tokenizer.pad_id).long()
+        hidden = bert(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        by_hand_txt = module.model.text_head(pooled)
+        torch.testing.assert_close(model.encode_image(images), by_hand_img, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.encode_text(tokens), by_hand_txt, atol=1e-5, rtol=1e-5)
+    # The cached training features are the same taps.
+    x_img, x_txt = dm.paired_features()
+    assert x_img.shape[1] == by_hand_img.new_empty(0, enc.vision.model.embed_dim).shape[1]
+    assert x_txt.shape[1] == 32
+
+
+def test_resume_restores_heads_and_step(tmp_path, shards, tiny_text_dir):
+    first = train(tiny_cfg(tmp_path, shards, tiny_text_dir, "trainer.max_steps=5", "export=false"))
+    assert first["global_step"] == 5
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 5 and not any(".towers." in k for k in ckpt["state_dict"])
+    assert ckpt["alignkit"]["towers"]["vision"]["model"] == "test_vit"
+    second = train(tiny_cfg(tmp_path, shards, tiny_text_dir, "export=false"))
+    assert second["resumed_from"].endswith("last.ckpt") and second["global_step"] == 12
+
+
+def test_online_path_runs_towers_in_the_loop(tmp_path, shards, tiny_text_dir):
+    cfg = tiny_cfg(
+        tmp_path, shards, tiny_text_dir, "data.features=online", "data.selection.mode=last", "trainer.max_steps=3",
+        "export=false",
+    )  # fmt: skip
+    summary = train(cfg)
+    assert summary["global_step"] == 3 and summary["metrics"]["train/loss"] > 0
+    assert not list((tmp_path / "cache").rglob("layer_*.npy"))  # nothing cached with fixed/last layers online
+
+
+def test_open_clip_export_loads_and_encodes_the_same(tmp_path, shards, tiny_text_dir):
+    import open_clip
+
+    cfg = tiny_cfg(
+        tmp_path,
+        shards,
+        tiny_text_dir,
+        "epochs=1",
+        "data.selection.mode=last",
+        "+module.text_head.bias=false",
+    )
+    summary = train(cfg)
+    assert "open_clip" in summary["exported"]
+    out = tmp_path / "run" / "open_clip"
+    open_clip.add_model_config(out / "alignkit-structure.json")
+    pre_kw = json.loads((out / "preprocess.json").read_text())
+    oc, _, _ = open_clip.create_model_and_transforms(
+        "alignkit-structure", pretrained=str(out / "open_clip_model.safetensors"), **pre_kw
+    )
+    from alignkit.structure.model import load_aligned
+
+    ours, tok, _ = load_aligned(tmp_path / "run" / "model")
+    images = torch.randn(2, 3, 160, 160)
+    tokens = tok(["a red square", "a green circle"])
+    oc.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(oc.encode_image(images), ours.encode_image(images), atol=1e-5, rtol=1e-4)
+        oc_tok = open_clip.get_tokenizer("alignkit-structure")(["a red square", "a green circle"])
+        torch.testing.assert_close(oc.encode_text(oc_tok), ours.encode_text(tokens), atol=1e-5, rtol=1e-4)
+
+
+def test_cca_heads_equal_the_analytic_projection(tmp_path, shards, tiny_text_dir):
+    from hydra.utils import instantiate
+
+    from alignkit.features.csa import CCAAligner
+
+    cfg = tiny_cfg(tmp_path, shards, tiny_text_dir, "epochs=0", "module.head_init=cca")
+    summary = train(cfg)
+    assert summary["global_step"] == 0
+    # Rebuild the same data and compare the module's heads with a direct CCA fit.
+    dm, enc = instantiate(cfg.data), instantiate(cfg.encoder)
+    dm.prepare_features(enc)
+    x, y = dm.paired_features()
+    cca = CCAAligner(dim=16).fit(x, y)
+    from alignkit.structure.model import load_aligned
+
+    model, _, _ = load_aligned(tmp_path / "run" / "model", towers=enc)
+    k = cca.proj_x.shape[1]
+    with torch.no_grad():
+        torch.testing.assert_close(model.image_head(x)[:, :k], cca.encode_image(x), atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(model.text_head(y)[:, :k], cca.encode_text(y), atol=1e-3, rtol=1e-3)
+
+
+def test_unwritable_cache_dir_fails_before_encoding(tmp_path, shards, tiny_text_dir, monkeypatch):
+    from alignkit.features.cache import CacheError
+    from alignkit.structure import towers
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    monkeypatch.setattr(towers.FrozenTowers, "__init__", lambda *a, **k: pytest.fail("encoder built"))
+    cfg = tiny_cfg(tmp_path, shards, tiny_text_dir, f"paths.cache_dir={blocker}/sub")
+    with pytest.raises(Exception, match="not writable") as info:  # Hydra wraps constructor errors
+        train(cfg)
+    assert isinstance(info.value.__cause__ or info.value, CacheError) and "data.cache_dir" in str(info.value)
+
+
+def test_layer_out_of_range_lists_valid_layers(tmp_path, shards, tiny_text_dir):
+    cfg = tiny_cfg(
+        tmp_path,
+        shards,
+        tiny_text_dir,
+        "data.selection.mode=fixed",
+        "data.image_layer=99",
+        "data.text_layer=0",
+    )
+    with pytest.raises(IndexError, match=r"layer 99 is out of range .* valid layers: 0=blocks.0, .*=head"):
+        train(cfg)
+
+
+def test_paper_recipe_without_weights_stops_with_instructions(tmp_path, shards):
+    cfg = compose_train(
+        ["+experiment=structure", f"data.train_shards={shards}", f"paths.cache_dir={tmp_path}"], tmp_path
+    )
+    assert (cfg.data.batch_size, cfg.optimizer.betas, cfg.optimizer.weight_decay) == (4096, [0.9, 0.95], 1e-4)
+    assert (cfg.loss.align.temperature, cfg.loss.align.lambda_structure, cfg.loss.align.warmup_steps) == (
+        0.05,
+        10.0,
+        1000,
+    )
+    assert cfg.data.selection.k == "rice" and cfg.data.selection.n_samples == 5000
+    with pytest.raises(Exception, match=r"encoder.vision.checkpoint_path="):  # Hydra wraps the RuntimeError
+        train(cfg)
