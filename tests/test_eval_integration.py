@@ -100,7 +100,7 @@ def test_callback_evaluates_before_periodically_and_at_the_end(run):
 def test_callback_logs_to_the_lightning_logger(run):
     run_dir, _, _ = run
     history = json.loads((run_dir / "metrics.json").read_text())
-    with (run_dir / "csv" / "metrics.csv").open() as f:
+    with (run_dir / "csv" / "version_0" / "metrics.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r.get(KEYS[0])]
     assert [int(r["step"]) for r in rows] == list(STEPS)
     for r in rows:

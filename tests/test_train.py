@@ -29,7 +29,11 @@ def test_every_experiment_composes_and_instantiates_its_loss(name):
 
 def test_clip_refine_is_the_released_recipe():
     cfg = compose_train(["+experiment=clip_refine", "data.train_shards='/x/{0..1}.tar'"])
-    assert (cfg.encoder.model, cfg.encoder.pretrained) == ("ViT-B-32", "openai")
+    assert (cfg.encoder.model, cfg.encoder.pretrained, cfg.encoder.force_quick_gelu) == (
+        "ViT-B-32",
+        "openai",
+        True,
+    )
     assert (cfg.epochs, cfg.data.batch_size, cfg.optimizer.lr, cfg.optimizer.weight_decay) == (
         1,
         512,
@@ -97,7 +101,7 @@ def test_cli_smoke_run_leaves_a_complete_run_directory(tmp_path):
         "summary.json",
         "model.safetensors",
         "checkpoints/last.ckpt",
-        "csv/metrics.csv",
+        "csv/version_0/metrics.csv",
         "train.log",
     ):
         assert (run / f).is_file(), f
@@ -106,7 +110,7 @@ def test_cli_smoke_run_leaves_a_complete_run_directory(tmp_path):
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    with (run_dir / "csv" / "metrics.csv").open() as f:
+    with (run_dir / "csv" / "version_0" / "metrics.csv").open() as f:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
