@@ -253,3 +253,30 @@ def test_paper_recipe_without_weights_stops_with_instructions(tmp_path, shards):
     assert cfg.data.selection.k == "rice" and cfg.data.selection.n_samples == 5000
     with pytest.raises(Exception, match=r"encoder.vision.checkpoint_path="):  # Hydra wraps the RuntimeError
         train(cfg)
+
+
+def test_each_unique_item_encoded_once_and_all_layer_entry_reused(
+    tmp_path, shards, tiny_text_dir, monkeypatch
+):
+    from hydra.utils import instantiate
+
+    cfg = tiny_cfg(tmp_path, shards, tiny_text_dir)
+    enc = instantiate(cfg.encoder)
+    seen = {"images": 0}
+    orig = enc.image_layers
+
+    def counting(images, layers):
+        seen["images"] += images.shape[0]
+        return orig(images, layers)
+
+    monkeypatch.setattr(enc, "image_layers", counting)
+    instantiate(cfg.data).prepare_features(enc)  # selection: every layer cached
+    assert seen["images"] == 96
+    entries = sorted(p.name for p in (tmp_path / "cache" / "features").iterdir())
+    last = tiny_cfg(tmp_path, shards, tiny_text_dir, "data.selection.mode=last")
+    found = instantiate(last.data).prepare_features(enc)  # served by the all-layer entries, nothing encoded
+    assert (
+        seen["images"] == 96
+        and sorted(p.name for p in (tmp_path / "cache" / "features").iterdir()) == entries
+    )
+    assert found["image_layer"] == enc.vision.num_layers - 1

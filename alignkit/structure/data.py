@@ -180,14 +180,22 @@ class FeaturePairDataModule(L.LightningDataModule):
         tower = encoder.tower(which)
         ident = encoder.identity(which)
         data = table.identity()
-        key = feature_key(
-            encoder=f"{which}:{json.dumps(ident['spec'], sort_keys=True)}",
-            weights=ident["weights"],
-            layers=layers,
-            pooling=getattr(tower, "pool", "masked_mean"),
-            preprocessing=ident["preprocessing"],
-            dataset={"source": data["source"], which: data["images" if which == "image" else "texts"]},
-        )
+
+        def key_for(lv: list[int]) -> dict[str, Any]:
+            return feature_key(
+                encoder=f"{which}:{json.dumps(ident['spec'], sort_keys=True)}",
+                weights=ident["weights"],
+                layers=lv,
+                pooling=getattr(tower, "pool", "masked_mean"),
+                preprocessing=ident["preprocessing"],
+                dataset={"source": data["source"], which: data["images" if which == "image" else "texts"]},
+            )
+
+        key = key_for(layers)
+        all_layers = list(range(tower.num_layers))
+        if layers != all_layers and (full := self.cache.load(key_for(all_layers))) is not None:
+            log.info("feature cache hit (all layers, from a layer-selection run): %s", full.path)
+            return full  # an all-layer entry of the same data serves any layer subset
         bs = self.encode_batch_size
         device = next(tower.parameters()).device
         if which == "image":
