@@ -62,17 +62,17 @@ def test_signal_mid_epoch_then_resume_is_bit_identical_and_sees_each_sample_once
     second = train(_cfg(run, shards, signal_at))  # the "requeued" job: same run dir, ckpt_path=auto
     assert second["resumed_from"] == str(run / "checkpoints/last.ckpt") and second["global_step"] == 24
 
-    from safetensors.torch import load_file
-
-    a, b = load_file(tmp_path / "ref/model.safetensors"), load_file(run / "model.safetensors")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
-
     # the interrupted + resumed run trained on exactly the batches of the uninterrupted one, in the same order
     assert _keys(run) == _keys(tmp_path / "ref")
     for epoch in range(2):
         seen = [k for b in _keys(run)[epoch * 12 : (epoch + 1) * 12] for k in b]
         assert len(seen) == len(set(seen)) == n
+
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "ref/model.safetensors"), load_file(run / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
 
 
 def test_checkpoint_from_another_architecture_is_refused(tmp_path, tiny_encoder):

@@ -197,7 +197,13 @@ class PreemptionCheckpoint(Callback):
 def _rng_state() -> dict[str, Any]:
     # Only tensors and plain Python values: the checkpoint stays loadable with torch.load(weights_only=True).
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy_state = [str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+    numpy_state = [
+        str(kind),
+        torch.from_numpy(keys.astype(np.int64)),
+        int(pos),
+        int(has_gauss),
+        float(cached),
+    ]
     state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()

@@ -104,6 +104,8 @@ class ImageTextDataModule(L.LightningDataModule):
 
             if not Path(train_csv).is_file():
                 raise FileNotFoundError(f"data.train_csv={train_csv!r} does not exist")
+        self._train_loader: ResumableLoader | None = None
+        self._loader_state: dict | None = None
         self.preprocess_train: Callable | None = None
         self.preprocess_val: Callable | None = None
         self.tokenizer: Callable | None = None
@@ -191,8 +193,26 @@ class ImageTextDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    # The data position travels in the checkpoint through the datamodule hooks, which Lightning restores before it
+    # builds the train loader. (Lightning also stores the loader's own state_dict, but restores it only when the
+    # loader is built after the loops are restored; estimated_stepping_batches in configure_optimizers builds it
+    # earlier, so that copy is never loaded.)
+    def state_dict(self) -> dict:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._loader_state = state_dict.get("train_loader")
+
     def _planned_loader(self, transform: PairTransform) -> ResumableLoader:
         """Same steps on every rank, deterministic given (seed, epoch), resumable (alignkit.data.epochs)."""
+        loader = self._build_planned_loader(transform)
+        if self._loader_state is not None:
+            loader.load_state_dict(self._loader_state)
+            self._loader_state = None
+        self._train_loader = loader
+        return loader
+
+    def _build_planned_loader(self, transform: PairTransform) -> ResumableLoader:
         plan = self._plan()
         if self.source == "webdataset":
             ds = ShardEpochDataset(

@@ -290,13 +290,13 @@ class ResumableLoader:
         return self.plan.steps
 
     def __iter__(self) -> Iterator[dict]:
+        # A generator: the epoch and the resume point are read at the first ``next()``. Lightning calls ``iter()`` in
+        # its data setup, *before* ``set_epoch`` of the resumed epoch.
+        epoch = self.epoch
         skip = 0
-        if self._resume is not None and self._resume["epoch"] == self.epoch:
+        if self._resume is not None and self._resume["epoch"] == epoch:
             skip = min(self._resume["batches"], self.plan.steps)
         self._resume = None
-        return self._iterate(self.epoch, skip)
-
-    def _iterate(self, epoch: int, skip: int) -> Iterator[dict]:
         self.consumed = skip
         if skip:
             log.info("resuming epoch %d of the data at batch %d of %d", epoch, skip, self.plan.steps)
