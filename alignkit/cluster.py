@@ -69,7 +69,15 @@ def default_precision() -> str:
     return "32-true"
 
 
+def strategy_for(devices: Any, num_nodes: Any) -> str:
+    """``auto`` on one device; else DDP that tolerates parameters outside the loss graph (see configs/trainer/ddp.yaml)."""
+    one = str(devices) in ("1", "auto") and str(num_nodes) == "1"
+    return "auto" if one else "ddp_find_unused_parameters_true"
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("ak_strategy"):
+        OmegaConf.register_new_resolver("ak_strategy", strategy_for)
     if not OmegaConf.has_resolver("ak_precision"):
         OmegaConf.register_new_resolver("ak_precision", default_precision)
     if not OmegaConf.has_resolver("ak_slurm"):

@@ -27,7 +27,10 @@ def wandb_logger(
         import wandb.util
 
         run_id = wandb.util.generate_id()
-        id_file.write_text(run_id)
+        # Only the global rank 0 logs to wandb, and only it writes the id: several ranks racing to write here would
+        # leave another rank's id for the requeued job, which would then start a new wandb run.
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+            id_file.write_text(run_id)
     offline = offline or os.environ.get("WANDB_MODE") == "offline"
     return WandbLogger(
         project=project,
