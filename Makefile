@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup data test test-fast lint format smoke bench clean
+.PHONY: setup data test test-fast lint format smoke bench clean slurm-up slurm-down gpu-check
 
 setup: ## virtualenv with pinned torch 2.14.1 / torchvision 0.29.1 and every test/lint/offline-asset extra
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,15 @@ test: setup ## set up (idempotent), then the whole suite (CPU, offline)
 
 test-fast: ## skip the slow end-to-end tier
 	$(BIN)/python -m pytest -q -m "not slow"
+
+slurm-up: ## a real single-node SLURM on localhost (root, Debian 12; tests/test_slurm.py starts it by itself too)
+	bash scripts/slurm/localhost_cluster.sh up
+
+slurm-down:
+	bash scripts/slurm/localhost_cluster.sh down
+
+gpu-check: ## bf16 / DDP / FSDP / cache-and-recompute on the GPUs present (< 5 min)
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh
 
 lint:
 	$(BIN)/ruff check .

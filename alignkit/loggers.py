@@ -26,7 +26,10 @@ def wandb_logger(
         run_id = id_file.read_text().strip()
     else:
         run_id = secrets.token_hex(4)  # 8 lowercase hex chars: a valid wandb run id
-        id_file.write_text(run_id)
+        # Only the global rank 0 logs to wandb, and only it writes the id: several ranks racing to write here would
+        # leave another rank's id for the requeued job, which would then start a new wandb run.
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+            id_file.write_text(run_id)
     offline = offline or os.environ.get("WANDB_MODE") == "offline"
     return WandbLogger(
         project=project,

@@ -43,6 +43,9 @@ class AlignModule(L.LightningModule):
         teacher_dtype: dtype the teacher's weights are kept in (``float32``; ``bfloat16`` halves its cost on GPU).
         weight_decay_on_all: apply weight decay to every parameter (the released CLIP-Refine code) instead of
             excluding biases, norms and the logit scale (open_clip's trainer).
+        accumulation: ``none`` (Lightning's ``trainer.accumulate_grad_batches`` remains available) or
+            ``cache_recompute``: the per-device batch is processed in micro-batches of ``micro_batch_size`` while the
+            loss still sees every negative (:mod:`alignkit.accumulation`; manual optimisation).
 
     The teacher is deep-copied at construction, i.e. from the *starting* weights, before any checkpoint is
     restored, and its weights are never written to checkpoints: a resumed run therefore distils from the original
@@ -58,8 +61,16 @@ class AlignModule(L.LightningModule):
         teacher: str = "auto",
         teacher_dtype: str = "float32",
         weight_decay_on_all: bool = False,
+        accumulation: str = "none",
+        micro_batch_size: int | None = None,
     ) -> None:
         super().__init__()
+        if accumulation not in ("none", "cache_recompute"):
+            raise ValueError(f"module.accumulation={accumulation!r} is not one of none, cache_recompute")
+        if accumulation == "cache_recompute" and not micro_batch_size:
+            raise ValueError("module.accumulation=cache_recompute needs module.micro_batch_size (e.g. 64)")
+        self.accumulation, self.micro_batch_size = accumulation, micro_batch_size
+        self.automatic_optimization = accumulation == "none"
         if teacher not in ("auto", "always", "never"):
             raise ValueError(f"module.teacher={teacher!r} is not one of auto, always, never")
         self.encoder = encoder
@@ -115,6 +126,10 @@ class AlignModule(L.LightningModule):
         return {f"teacher_{k}": v.float() for k, v in t.items()}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.accumulation == "cache_recompute":
+            from alignkit.accumulation import manual_step
+
+            return manual_step(self, batch)
         images, tokens = batch["image"], batch["text"]
         out = self(images, tokens)
         if self.teacher is not None:

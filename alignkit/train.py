@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from alignkit import cluster  # registers the ${ak_slurm:...} / ${ak_sweep_id:} resolvers
 from alignkit.checkpoint import resolve_ckpt_path
 from alignkit.export import export_module
 
@@ -68,9 +69,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         scheduler=instantiate(cfg.scheduler),
         **found,
     )
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False
-    )
+    cluster.check_trainer_matches_slurm(cfg.trainer)
+    callbacks = [*build_callbacks(cfg), cluster.RunIdentity(cluster.run_identity(cfg))]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg) or False)
 
     # Step-based schedule: one epoch = steps_per_epoch optimizer steps per rank (the loader ends the epoch).
     steps_per_epoch = datamodule.steps_per_epoch(trainer.world_size)
@@ -88,7 +89,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     save_run_files(cfg, run_dir)
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    if ckpt is not None:
+        cluster.check_checkpoint_compatible(ckpt, module, cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    preempted = any(getattr(c, "preempted", False) for c in trainer.callbacks)
 
     finish_loggers(trainer)
     summary: dict[str, Any] = {
@@ -96,7 +100,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "global_step": trainer.global_step,
         "resumed_from": ckpt,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "preempted": preempted,
     }
+    if preempted:  # last.ckpt is written; the requeued job resumes it (no export of a half-trained model)
+        save_run_files(cfg, run_dir, summary)
+        return summary
     if cfg.get("export") and trainer.is_global_zero:
         # Modules with their own format (frozen towers) export themselves; open_clip students take the same path
         # as `alignkit export` on a checkpoint: plain open_clip keys + a model.json sidecar.

@@ -12,6 +12,15 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from alignkit.data.csvdata import CsvPairs
+from alignkit.data.epochs import (
+    EpochPlan,
+    IndexEpochBatches,
+    ResumableLoader,
+    ShardEpochDataset,
+    index_loader_factory,
+    shard_sizes,
+    wds_loader_factory,
+)
 from alignkit.data.samples import PairTransform
 from alignkit.data.synthetic import SyntheticShapes
 from alignkit.data.webdataset import collate_pairs, count_samples, expand_urls, make_wds_pipeline
@@ -32,6 +41,10 @@ class ImageTextDataModule(L.LightningDataModule):
         augment: use open_clip's training transform (random resized crop) instead of its eval transform.
             The released CLIP-Refine recipe uses the model's eval preprocessing (no augmentation).
         random_caption: for samples with several captions (one per line), pick one at random each time.
+        mode: ``exact`` (default: every sample once per epoch across all ranks and workers, resumable mid-epoch;
+            webdataset needs per-shard counts) or ``resampled`` (webdataset only: shards drawn with replacement,
+            an epoch is a number of steps). ``legacy`` keeps the older shard-split reader (not resumable).
+            See docs/distributed.md.
 
     Paths are checked at construction, before any model is built.
     """
@@ -53,8 +66,16 @@ class ImageTextDataModule(L.LightningDataModule):
         synthetic_image_size: int = 32,
         pin_memory: bool = True,
         seed: int = 0,
+        mode: str = "exact",
     ) -> None:
         super().__init__()
+        if mode not in ("exact", "resampled", "legacy"):
+            raise ValueError(f"data.mode={mode!r} is not one of exact, resampled, legacy")
+        if mode == "resampled" and source != "webdataset":
+            raise ValueError(
+                "data.mode=resampled is for webdataset shards; map-style sources use data.mode=exact"
+            )
+        self.mode = mode
         if source not in ("webdataset", "csv", "synthetic"):
             raise ValueError(f"data.source={source!r} is not one of webdataset, csv, synthetic")
         if batch_size <= 0:
@@ -83,6 +104,8 @@ class ImageTextDataModule(L.LightningDataModule):
 
             if not Path(train_csv).is_file():
                 raise FileNotFoundError(f"data.train_csv={train_csv!r} does not exist")
+        self._train_loader: ResumableLoader | None = None
+        self._loader_state: dict | None = None
         self.preprocess_train: Callable | None = None
         self.preprocess_val: Callable | None = None
         self.tokenizer: Callable | None = None
@@ -126,8 +149,23 @@ class ImageTextDataModule(L.LightningDataModule):
             )
         return steps
 
+    def _plan(self) -> EpochPlan:
+        trainer = getattr(self, "trainer", None)
+        world = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        return EpochPlan(
+            num_samples=self.dataset_size(),
+            batch_size=self.batch_size,
+            steps=self.steps_per_epoch(world),
+            world=world,
+            rank=rank,
+            workers=max(1, self.num_workers),
+        )
+
     def train_dataloader(self):
         transform = self._transform()
+        if self.mode != "legacy":
+            return self._planned_loader(transform)
         if self.source == "webdataset":
             pipeline = make_wds_pipeline(
                 self.urls, transform, self.batch_size, shuffle_buffer=self.shuffle_buffer, seed=self.seed
@@ -153,4 +191,51 @@ class ImageTextDataModule(L.LightningDataModule):
             collate_fn=collate_pairs,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+        )
+
+    # The data position travels in the checkpoint through the datamodule hooks, which Lightning restores before it
+    # builds the train loader. (Lightning also stores the loader's own state_dict, but restores it only when the
+    # loader is built after the loops are restored; estimated_stepping_batches in configure_optimizers builds it
+    # earlier, so that copy is never loaded.)
+    def state_dict(self) -> dict:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._loader_state = state_dict.get("train_loader")
+
+    def _planned_loader(self, transform: PairTransform) -> ResumableLoader:
+        """Same steps on every rank, deterministic given (seed, epoch), resumable (alignkit.data.epochs)."""
+        loader = self._build_planned_loader(transform)
+        if self._loader_state is not None:
+            loader.load_state_dict(self._loader_state)
+            self._loader_state = None
+        self._train_loader = loader
+        return loader
+
+    def _build_planned_loader(self, transform: PairTransform) -> ResumableLoader:
+        plan = self._plan()
+        if self.source == "webdataset":
+            ds = ShardEpochDataset(
+                self.urls,
+                shard_sizes(self.urls),
+                transform,
+                self.batch_size,
+                collate_pairs,
+                mode=self.mode,
+                shuffle_buffer=self.shuffle_buffer,
+                seed=self.seed,
+            )
+            if self.mode == "exact" and sum(ds.sizes) != self.total_samples:
+                raise ValueError(
+                    f"data.num_samples={self.total_samples} disagrees with the per-shard counts "
+                    f"({sum(ds.sizes)}); drop the override or use data.mode=resampled"
+                )
+            return ResumableLoader(wds_loader_factory(ds, self.num_workers, self.pin_memory), plan, ds)
+        if self.source == "synthetic":
+            ds = SyntheticShapes(transform, self.num_samples or 512, self.synthetic_image_size, self.seed)
+        else:
+            ds = CsvPairs(self.train_csv, transform, self.image_col, self.caption_col)
+        batches = IndexEpochBatches(len(ds), self.batch_size, self.seed)
+        return ResumableLoader(
+            index_loader_factory(ds, batches, collate_pairs, self.num_workers, self.pin_memory), plan, ds
         )

@@ -98,7 +98,9 @@ class PairTransform:
             self._rng = random.Random(hash((self.seed, info.id if info else -1)))
         return self._rng
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, sample: dict[str, Any], rng: random.Random | None = None) -> dict[str, Any]:
+        """``rng``: the caption RNG for this one sample (the epoch planner passes one seeded by (seed, epoch, key),
+        so a resumed run picks the same captions); default: this worker's running RNG."""
         key = sample.get("__key__", "?")
         ik, tk = first_key(sample, IMAGE_KEYS), first_key(sample, TEXT_KEYS)
         if ik is None:
@@ -106,6 +108,6 @@ class PairTransform:
         if tk is None:
             raise BadSample(f"sample {key!r} has no caption (looked for {TEXT_KEYS})")
         text = sample[tk].decode("utf-8") if isinstance(sample[tk], bytes) else str(sample[tk])
-        caption = pick_caption(text, key, self._caption_rng())
+        caption = pick_caption(text, key, (rng if self.random_caption else None) or self._caption_rng())
         image = self.preprocess(decode_image(sample[ik], key))
         return {"image": image, "text": self.tokenizer([caption])[0], "key": key}

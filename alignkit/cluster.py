@@ -1,0 +1,180 @@
+"""Cluster shape from the environment (SLURM), start-up checks, and the checkpoint guard.
+
+* :func:`slurm_value` backs the ``${ak_slurm:...}`` resolver the trainer presets use, so ``devices`` and
+  ``num_nodes`` come from the allocation instead of being typed twice.
+* :func:`check_trainer_matches_slurm` fails at start, naming the value to change, when a preset disagrees with the
+  allocation (otherwise DDP waits forever for ranks that never start, or Lightning reports it deep in setup).
+* :func:`trainer_plugins` gives the trainer atomic checkpoint writes and, under SLURM, a ``SLURMEnvironment`` with
+  Lightning's auto-requeue **off**: alignkit's PreemptionCheckpoint (sbatch) or submitit (launcher) owns the requeue.
+* :func:`check_checkpoint_compatible` refuses a checkpoint from another architecture or experiment before Lightning
+  would load it partially (or fail with a wall of missing keys).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf
+
+
+def _tasks_per_node() -> int | None:
+    if os.environ.get("SLURM_NTASKS_PER_NODE"):
+        return int(os.environ["SLURM_NTASKS_PER_NODE"])
+    tpn = os.environ.get("SLURM_TASKS_PER_NODE")  # e.g. "2(x3)" or "2,1"
+    if tpn:
+        m = re.match(r"(\d+)", tpn)
+        return int(m.group(1)) if m else None
+    return None
+
+
+def in_slurm_job() -> bool:
+    """A batch/srun task of a SLURM job (not an interactive shell on a login node)."""
+    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
+def slurm_value(name: str, default: Any = None) -> Any:
+    """``tasks_per_node``, ``nodes``, ``ntasks`` or ``job_id`` of the current SLURM allocation, else ``default``."""
+    if not in_slurm_job():
+        return default
+    if name == "tasks_per_node":
+        v = _tasks_per_node()
+    elif name == "nodes":
+        v = int(os.environ["SLURM_NNODES"]) if "SLURM_NNODES" in os.environ else None
+    elif name == "ntasks":
+        v = int(os.environ["SLURM_NTASKS"])
+    elif name == "job_id":
+        v = os.environ.get("SLURM_JOB_ID")
+    else:
+        raise ValueError(f"ak_slurm: unknown field {name!r} (tasks_per_node, nodes, ntasks, job_id)")
+    return default if v is None else v
+
+
+def sweep_id() -> str:
+    """One id per sweep, the same in the launcher and in every job it submits (jobs inherit the environment)."""
+    if "ALIGNKIT_SWEEP_ID" not in os.environ:
+        os.environ["ALIGNKIT_SWEEP_ID"] = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return os.environ["ALIGNKIT_SWEEP_ID"]
+
+
+def default_precision() -> str:
+    """``bf16-mixed`` on a GPU that supports it, else ``32-true`` (CPU runs stay exact)."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def strategy_for(devices: Any, num_nodes: Any) -> str:
+    """``auto`` on one device; else DDP that tolerates parameters outside the loss graph (see configs/trainer/ddp.yaml)."""
+    one = str(devices) in ("1", "auto") and str(num_nodes) == "1"
+    return "auto" if one else "ddp_find_unused_parameters_true"
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("ak_strategy"):
+        OmegaConf.register_new_resolver("ak_strategy", strategy_for)
+    if not OmegaConf.has_resolver("ak_precision"):
+        OmegaConf.register_new_resolver("ak_precision", default_precision)
+    if not OmegaConf.has_resolver("ak_slurm"):
+        OmegaConf.register_new_resolver("ak_slurm", slurm_value)
+    if not OmegaConf.has_resolver("ak_sweep_id"):
+        OmegaConf.register_new_resolver("ak_sweep_id", sweep_id)
+
+
+register_resolvers()
+
+
+def check_trainer_matches_slurm(trainer_cfg: DictConfig | dict) -> None:
+    """Under SLURM, ``trainer.devices`` must equal the tasks per node and ``trainer.num_nodes`` the node count."""
+    if not in_slurm_job():
+        return
+    tpn, nodes = _tasks_per_node(), int(os.environ.get("SLURM_NNODES", "1"))
+    devices, num_nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1) or 1)
+    problems = []
+    if tpn is not None and isinstance(devices, int) and devices != tpn:
+        problems.append(
+            f"trainer.devices={devices} but SLURM runs {tpn} task(s) per node: set trainer.devices={tpn} "
+            f"(or submit with --ntasks-per-node={devices}; one task per GPU)"
+        )
+    if num_nodes != nodes:
+        problems.append(
+            f"trainer.num_nodes={num_nodes} but the allocation has {nodes} node(s): set trainer.num_nodes={nodes} "
+            f"(or submit with --nodes={num_nodes})"
+        )
+    if problems:
+        raise ValueError("trainer preset disagrees with the SLURM allocation:\n  " + "\n  ".join(problems))
+
+
+def trainer_plugins() -> list:
+    """Atomic checkpoint I/O, plus SLURMEnvironment(auto_requeue=False) inside a SLURM job."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from alignkit.checkpoint import AtomicCheckpointIO
+
+    plugins: list = [AtomicCheckpointIO()]
+    if in_slurm_job() and SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
+
+
+def module_classes(paths: list[str]) -> set[type]:
+    """Import ``module.Class`` paths into the set FSDPStrategy takes as ``auto_wrap_policy``."""
+    from hydra.utils import get_class
+
+    return {get_class(p) for p in paths}
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it (stored under ``checkpoint["alignkit_run"]``)."""
+    return {
+        "task_name": str(cfg.get("task_name", "")),
+        "encoder": {k: cfg.encoder.get(k) for k in ("model", "pretrained") if k in cfg.encoder},
+        "loss": str(cfg.loss.get("_target_", "")),
+    }
+
+
+def check_checkpoint_compatible(ckpt_path: str | Path, module: torch.nn.Module, cfg: DictConfig) -> None:
+    """Refuse (ValueError naming the difference) a checkpoint from another architecture or experiment."""
+    ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False, mmap=True)
+    problems = []
+    saved_enc = (ckpt.get("alignkit") or {}).get("encoder")
+    enc = getattr(getattr(module, "encoder", None), "spec", None)
+    if saved_enc and enc:
+        for k in ("kind", "model", "pretrained"):
+            if saved_enc.get(k) != enc.get(k):
+                problems.append(f"encoder {k}: checkpoint {saved_enc.get(k)!r} vs this run {enc.get(k)!r}")
+    saved_run = ckpt.get("alignkit_run")
+    if saved_run:
+        now = run_identity(cfg)
+        for k in ("task_name", "loss"):
+            if saved_run.get(k) != now.get(k):
+                problems.append(f"{k}: checkpoint {saved_run.get(k)!r} vs this run {now.get(k)!r}")
+    sd = ckpt.get("state_dict", {})
+    mine = {k: v.shape for k, v in module.state_dict().items() if not k.startswith("teacher.")}
+    missing = sorted(set(mine) - set(sd))
+    unexpected = sorted(k for k in set(sd) - set(mine) if not k.startswith("teacher."))
+    shapes = sorted(k for k in set(mine) & set(sd) if tuple(sd[k].shape) != tuple(mine[k]))
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if keys:
+            problems.append(f"{len(keys)} {label} weight(s), e.g. {keys[:3]}")
+    if problems:
+        raise ValueError(
+            f"refusing to resume from {ckpt_path}: it belongs to another model or experiment:\n  "
+            + "\n  ".join(problems)
+            + "\nStart a new run directory, or set ckpt_path=null (start fresh) / ckpt_path=<a matching checkpoint>"
+        )
+
+
+class RunIdentity(Callback):
+    """Writes :func:`run_identity` into every checkpoint (read back by :func:`check_checkpoint_compatible`)."""
+
+    def __init__(self, identity: dict[str, Any]) -> None:
+        self.identity = dict(identity)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["alignkit_run"] = dict(self.identity)

@@ -1,0 +1,54 @@
+"""Test-only Lightning callbacks, added to a run with ``+callbacks.NAME._target_=run_helpers.X`` (tests/ on the path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+
+class RecordKeys(Callback):
+    """Append every trained batch's sample keys to ``<dirpath>/keys_rank<r>.jsonl`` (one line per step)."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        line = {"step": trainer.global_step, "epoch": trainer.current_epoch, "keys": list(batch["key"])}
+        with (self.dirpath / f"keys_rank{trainer.global_rank}.jsonl").open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+class SignalAtStep(Callback):
+    """Send ``sig`` to this process when training reaches ``step`` (a deterministic stand-in for SLURM's signal).
+
+    ``once_file``: only signal if this file does not exist yet (then create it), so a resumed run is not signalled
+    again."""
+
+    def __init__(self, step: int, sig: str = "SIGUSR1", once_file: str | None = None) -> None:
+        self.step, self.sig, self.once_file = step, getattr(signal, sig), once_file
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step != self.step or trainer.global_rank != 0:
+            return
+        if self.once_file:
+            if Path(self.once_file).exists():
+                return
+            Path(self.once_file).write_text("signalled")
+        os.kill(os.getpid(), self.sig)
+
+
+class Sleep(Callback):
+    """Sleep after every batch: gives an outside test a window to signal a tiny run mid-epoch."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        time.sleep(self.seconds)

@@ -1,0 +1,137 @@
+"""Cross-rank correctness on 2 real processes (gloo): losses, gradients, and the data plan."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import dist_workers as dw
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _close(a, b, tol=1e-5):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """Both ranks run every check once (tests/dist_workers.all_worker); the tests read what they wrote."""
+    root = tmp_path_factory.mktemp("dist")
+    shards, n = uneven_shards(root / "shards")
+    out = root / "out"
+    out.mkdir()
+    mp.start_processes(
+        dw.all_worker, args=(WORLD, free_port(), str(out), shards), nprocs=WORLD, start_method="spawn"
+    )
+    return out, n
+
+
+@pytest.fixture(scope="module")
+def loss_results(spawned):
+    return [torch.load(spawned[0] / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["infonce_gather_local", "infonce_gather_global", "hycd_gather_local", "hycd_gather_global", "rafa"],
+)
+def test_gathered_losses_and_gradients_equal_one_process_on_the_whole_batch(loss_results, name):
+    for r in loss_results:
+        full_loss, full_gi, full_gt = r["losses"][name]["full"]
+        loss, gi, gt, mean_loss = r["losses"][name]["dist"]
+        # gather_local_loss / RaFA: each rank's loss is its rows' share; their mean is the global loss.
+        # gather_global_loss: every rank computes the global loss itself.
+        _close(mean_loss, full_loss)
+        if name.endswith("global"):
+            _close(loss, full_loss)
+        _close(gi, full_gi)  # DDP-averaged gradient == single-process gradient on the concatenated batch
+        _close(gt, full_gt)
+
+
+def test_local_infonce_is_the_mean_of_per_rank_losses(loss_results):
+    # cross_rank=local: each rank only sees its own negatives; the averaged gradient is the mean of the per-chunk
+    # single-process gradients, and it differs from the global-batch gradient.
+    chunk = [r["losses"]["infonce_local"]["local_chunk"] for r in loss_results]
+    mean_gi = sum(c[1] for c in chunk) / WORLD
+    for r in loss_results:
+        _, gi, _, mean_loss = r["losses"]["infonce_local"]["dist"]
+        _close(mean_loss, sum(c[0] for c in chunk) / WORLD)
+        _close(gi, mean_gi)
+        assert not torch.allclose(gi, r["losses"]["infonce_local"]["full"][1], atol=1e-4)
+
+
+def test_tiny_clip_parameter_gradients_under_ddp_equal_one_big_batch(loss_results):
+    ref = dw.tiny_reference(WORLD)
+    losses = torch.stack([r["model"]["loss"] for r in loss_results])
+    # every term is a per-rank mean whose average is the global loss (InfoNCE and HyCD: local rows x gathered cols)
+    _close(losses.mean(), ref["loss"])
+    for r in loss_results:
+        _close(r["model"]["grad"], ref["grad"], tol=2e-5)
+    assert ref["grad"].abs().sum() > 0
+
+
+def uneven_shards(root: Path, sizes=(7, 13, 3, 17, 8)) -> tuple[str, int]:
+    """Shards of uneven sizes (default 48 samples: 2 ranks x batch 4 -> 6 steps per rank, nothing dropped) with
+    globally unique keys ``000000000..``, plus sizes.json."""
+    import webdataset as wds
+
+    from alignkit.data.shards import _image_bytes
+    from alignkit.data.synthetic import SyntheticShapes
+
+    root.mkdir(parents=True, exist_ok=True)
+    n = sum(sizes)
+    ds = SyntheticShapes(transform=None, num_samples=n, image_size=32, seed=0)
+    key, names = 0, {}
+    for i, s in enumerate(sizes):
+        name = f"{i:05d}.tar"
+        with wds.TarWriter(str(root / name)) as w:
+            for _ in range(s):
+                img, cap = ds.item(key)
+                w.write({"__key__": f"{key:09d}", "jpg": _image_bytes(img)[0], "txt": cap})
+                key += 1
+        names[name] = s
+    (root / "sizes.json").write_text(json.dumps(names))
+    return str(root), n
+
+
+@pytest.fixture(scope="module")
+def data_results(spawned):
+    out, n = spawned
+    return [torch.load(out / f"data_rank{r}.pt", weights_only=False) for r in range(WORLD)], n
+
+
+def test_exact_mode_two_ranks_two_workers_uneven_shards_each_sample_once(data_results):
+    results, n = data_results
+    for epoch in (0, 1):
+        per_rank = [[k for b in r["exact"]["epochs"][epoch] for k in b] for r in results]
+        steps = [len(r["exact"]["epochs"][epoch]) for r in results]
+        assert steps == [6, 6]  # same number of steps on every rank
+        union = per_rank[0] + per_rank[1]
+        assert len(union) == len(set(union)) == n  # no duplicates, nothing missing
+    # a new epoch is a new order
+    assert results[0]["exact"]["epochs"][0] != results[0]["exact"]["epochs"][1]
+
+
+def test_mid_epoch_resume_yields_exactly_the_remaining_batches(data_results):
+    results, _ = data_results
+    for r in results:
+        for mode in ("exact", "resampled"):
+            assert r[mode]["state"]["batches"] == 3
+            assert r[mode]["resumed"] == r[mode]["epochs"][1]  # same batches, same order, none twice
+
+
+def test_resampled_mode_same_steps_on_every_rank(data_results):
+    results, _ = data_results
+    assert [len(r["resampled"]["epochs"][0]) for r in results] == [6, 6]
+    assert all(len(b) == 4 for r in results for b in r["resampled"]["epochs"][0])

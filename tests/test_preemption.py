@@ -1,0 +1,108 @@
+"""Kill-and-resume: a run signalled mid-epoch and resumed ends bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_train
+from test_distributed import uneven_shards
+
+from alignkit.train import train
+
+
+def _cfg(run: Path, shards: str, extra: list[str]):
+    return compose_train(
+        [
+            "+experiment=smoke",
+            "data=webdataset",
+            f"data.train_shards='{shards}'",
+            "data.num_samples=null",
+            "data.batch_size=4",
+            "data.num_workers=2",
+            "data.shuffle_buffer=8",
+            "data.pin_memory=false",
+            "epochs=2",  # 48 samples / 4 = 12 steps per epoch -> 24 steps
+            "trainer.deterministic=true",
+            "trainer.log_every_n_steps=1",
+            "callbacks.checkpoint.every_n_train_steps=1000",
+            "+callbacks.keys._target_=run_helpers.RecordKeys",
+            f"+callbacks.keys.dirpath={run}",
+            *extra,
+        ],
+        run,
+    )
+
+
+def _keys(run: Path) -> list[list[str]]:
+    lines = [json.loads(x) for x in (run / "keys_rank0.jsonl").read_text().splitlines()]
+    return [x["keys"] for x in lines]
+
+
+@pytest.mark.slow
+def test_signal_mid_epoch_then_resume_is_bit_identical_and_sees_each_sample_once(tmp_path):
+    shards, n = uneven_shards(tmp_path / "shards")
+    ref = train(_cfg(tmp_path / "ref", shards, []))
+    assert ref["global_step"] == 24 and not ref["preempted"]
+
+    run = tmp_path / "run"
+    signal_at = [
+        "+callbacks.kill._target_=run_helpers.SignalAtStep",
+        "+callbacks.kill.step=17",  # mid-epoch 2 (steps 12..23)
+        "+callbacks.kill.sig=SIGUSR1",
+        f"+callbacks.kill.once_file={tmp_path / 'signalled'}",
+    ]
+    first = train(_cfg(run, shards, signal_at))
+    assert first["preempted"] and first["global_step"] == 18  # the signalled batch finishes, then it stops
+    assert not (run / "model.safetensors").exists()
+    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 18
+    second = train(_cfg(run, shards, signal_at))  # the "requeued" job: same run dir, ckpt_path=auto
+    assert second["resumed_from"] == str(run / "checkpoints/last.ckpt") and second["global_step"] == 24
+
+    # the interrupted + resumed run trained on exactly the batches of the uninterrupted one, in the same order
+    assert _keys(run) == _keys(tmp_path / "ref")
+    for epoch in range(2):
+        seen = [k for b in _keys(run)[epoch * 12 : (epoch + 1) * 12] for k in b]
+        assert len(seen) == len(set(seen)) == n
+
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "ref/model.safetensors"), load_file(run / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+def test_checkpoint_from_another_architecture_is_refused(tmp_path, tiny_encoder):
+    from alignkit.cluster import check_checkpoint_compatible
+    from alignkit.losses import InfoNCE
+    from alignkit.module import AlignModule
+
+    module = AlignModule(tiny_encoder, InfoNCE(), optimizer=torch.optim.AdamW)
+    cfg = compose_train(["+experiment=smoke"])
+    sd = {f"model.{k}": v for k, v in module.model.state_dict().items()}
+    sd["model.visual.proj"] = torch.zeros(3, 3)
+    del sd["model.logit_scale"]
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": sd, "alignkit": {"encoder": {**tiny_encoder.spec, "model": "ViT-B-32"}}}, path)
+    with pytest.raises(ValueError, match="refusing to resume") as e:
+        check_checkpoint_compatible(path, module, cfg)
+    msg = str(e.value)
+    assert "ViT-B-32" in msg and "shape mismatch" in msg and "missing" in msg and "ckpt_path" in msg
+
+
+def test_trainer_preset_disagreeing_with_slurm_fails_naming_the_value(monkeypatch):
+    from alignkit.cluster import check_trainer_matches_slurm
+
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    check_trainer_matches_slurm({"devices": 2, "num_nodes": 2})
+    with pytest.raises(ValueError, match=r"set trainer.devices=2") as e:
+        check_trainer_matches_slurm({"devices": 4, "num_nodes": 1})
+    assert "set trainer.num_nodes=2" in str(e.value)
+    cfg = compose_train(["+experiment=smoke", "trainer=ddp"])
+    assert cfg.trainer.devices == 2 and cfg.trainer.num_nodes == 2  # read from the allocation

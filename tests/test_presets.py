@@ -1,0 +1,57 @@
+"""Trainer and launcher presets compose, and read the cluster shape from SLURM."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import compose_train
+from hydra.utils import instantiate
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu", "ddp", "fsdp", "multinode"])
+def test_trainer_presets_compose(preset):
+    cfg = compose_train(["+experiment=smoke", f"trainer={preset}"])
+    assert cfg.trainer.devices in (1, 2, 8) and cfg.trainer.num_nodes in (1, 2)
+    if preset in ("gpu", "fsdp", "multinode"):
+        assert cfg.trainer.precision in ("bf16-mixed", "32-true")  # the smoke experiment may pin 32-true
+
+
+def test_fsdp_wraps_open_clip_blocks_so_the_teacher_is_sharded_like_the_student():
+    import open_clip.transformer as oct
+
+    cfg = compose_train(["+experiment=smoke", "trainer=fsdp"])
+    strategy = instantiate(cfg.trainer.strategy)
+    policy = strategy.kwargs["auto_wrap_policy"]  # a ModuleWrapPolicy over open_clip's residual blocks
+    assert oct.ResidualAttentionBlock in policy._module_classes
+    assert strategy.kwargs["use_orig_params"] is True and strategy._state_dict_type == "full"
+
+
+def test_plugins_switch_lightning_auto_requeue_off_inside_slurm(monkeypatch):
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from alignkit.checkpoint import AtomicCheckpointIO
+    from alignkit.cluster import trainer_plugins
+
+    for k in ("SLURM_NTASKS", "SLURM_JOB_NAME", "SLURM_JOB_ID"):
+        monkeypatch.delenv(k, raising=False)
+    assert [type(p) for p in trainer_plugins()] == [AtomicCheckpointIO]
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    envs = [p for p in trainer_plugins() if isinstance(p, SLURMEnvironment)]
+    assert len(envs) == 1 and envs[0].auto_requeue is False
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "slurm_multinode", "slurm_cpu"])
+def test_slurm_launcher_presets_compose(launcher):
+    from hydra import compose, initialize_config_dir
+
+    from alignkit.train import CONFIG_DIR
+
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        cfg = compose(
+            config_name="train",
+            overrides=["+experiment=smoke", f"hydra/launcher={launcher}", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
+    launcher_cfg = cfg.hydra.launcher
+    assert launcher_cfg.partition == "gpu" and launcher_cfg.max_num_timeout > 0
+    assert launcher_cfg.signal_delay_s < launcher_cfg.timeout_min * 60

@@ -1,0 +1,197 @@
+"""A real single-node SLURM on localhost (scripts/slurm/localhost_cluster.sh): sweep, 2-task DDP, signal + requeue.
+
+The cluster is started by this module (and stopped at the end); if it cannot start, the tests fail, never skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+CLUSTER = REPO / "scripts" / "slurm" / "localhost_cluster.sh"
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    res = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        pytest.fail(
+            f"could not start the localhost SLURM cluster:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        )
+    yield
+    subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, text=True, timeout=120)
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        ALIGNKIT_PYTHON=sys.executable,
+        PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+    )
+    env.pop("ALIGNKIT_SWEEP_ID", None)
+    return env
+
+
+def _sbatch(tmp_path: Path, args: list[str], overrides: list[str]) -> str:
+    cmd = ["sbatch", "--parsable", "--time=15", f"--output={tmp_path}/slurm-%j.out", *args]
+    cmd += [str(REPO / "scripts/slurm/train.sbatch"), *overrides]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=_env(tmp_path), check=True)
+    return res.stdout.strip().split(";")[0]
+
+
+def _state(job: str) -> str:
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"], capture_output=True, text=True
+    )
+    states = [s.split()[0] for s in out.stdout.split() if s.strip()]
+    return states[-1] if states else "UNKNOWN"
+
+
+def _wait(job: str, tmp_path: Path, timeout: float = 420) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        queued = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
+        state = _state(job)
+        if not queued and state in TERMINAL:
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", job])
+    logs = "\n".join(p.read_text()[-3000:] for p in tmp_path.glob(f"slurm-{job}.out"))
+    pytest.fail(f"job {job} did not finish in {timeout} s (state {_state(job)}):\n{logs}")
+
+
+def _log(tmp_path: Path, job: str) -> str:
+    p = tmp_path / f"slurm-{job}.out"
+    return p.read_text() if p.exists() else ""
+
+
+SMOKE = ["+experiment=smoke", "export=true", "trainer.log_every_n_steps=1"]
+
+
+def test_three_point_sweep_through_the_submitit_launcher(slurm, tmp_path):
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        *SMOKE,
+        "hydra/launcher=slurm_cpu",
+        "trainer.max_steps=2",
+        "export=false",
+        f"paths.log_dir={tmp_path}",
+        "optimizer.lr=1e-3,2e-3,3e-3",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=_env(tmp_path), timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    sweeps = list((tmp_path / "smoke" / "multiruns").iterdir())
+    assert len(sweeps) == 1, sweeps  # the launcher and its 3 jobs agree on one sweep directory
+    lrs = set()
+    for i in range(3):
+        run = sweeps[0] / str(i)
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["global_step"] == 2
+        lrs.add(re.search(r"lr: (\S+)", (run / "config.yaml").read_text()).group(1))
+    assert lrs == {"0.001", "0.002", "0.003"}
+
+
+def test_sbatch_two_tasks_ddp_smoke(slurm, tmp_path):
+    job = _sbatch(
+        tmp_path,
+        ["--ntasks-per-node=2", "--cpus-per-task=1"],
+        [
+            *SMOKE,
+            "trainer=ddp",
+            "data.num_samples=64",
+            "data.batch_size=8",
+            "epochs=1",
+            f"paths.log_dir={tmp_path}",
+            "+callbacks.keys._target_=run_helpers.RecordKeys",
+            f"+callbacks.keys.dirpath={tmp_path}/keys",
+        ],
+    )
+    assert _wait(job, tmp_path) == "COMPLETED", _log(tmp_path, job)
+    run = tmp_path / "smoke" / "runs" / job
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_step"] == 4  # 64 samples / (8 per device x 2 ranks)
+    per_rank = [
+        [json.loads(x)["keys"] for x in (tmp_path / "keys" / f"keys_rank{r}.jsonl").read_text().splitlines()]
+        for r in (0, 1)
+    ]
+    assert [len(p) for p in per_rank] == [4, 4]  # both ranks took the same number of steps
+    seen = [k for p in per_rank for b in p for k in b]
+    assert len(seen) == len(set(seen)) == 64  # each sample exactly once across the two ranks
+    assert (run / "model.safetensors").is_file()
+
+
+def test_signalled_job_requeues_and_finishes_like_an_uninterrupted_one(slurm, tmp_path):
+    common = [
+        *SMOKE,
+        "data.num_samples=96",
+        "data.batch_size=4",
+        "epochs=1",  # 24 steps
+        "trainer.deterministic=true",
+        "callbacks.checkpoint.every_n_train_steps=1000",
+        "+callbacks.slow._target_=run_helpers.Sleep",
+        "+callbacks.slow.seconds=0.4",
+    ]
+
+    def submit(name: str) -> str:
+        d = tmp_path / name
+        return _sbatch(
+            tmp_path,
+            ["--ntasks-per-node=1", "--cpus-per-task=1", f"--job-name={name}"],
+            [
+                *common,
+                f"paths.log_dir={d}",
+                "+callbacks.keys._target_=run_helpers.RecordKeys",
+                f"+callbacks.keys.dirpath={d}/keys",
+            ],
+        )
+
+    ref, job = submit("ref"), submit("signalled")
+    keys = tmp_path / "signalled" / "keys" / "keys_rank0.jsonl"
+    end = time.monotonic() + 300
+    while time.monotonic() < end and (not keys.exists() or len(keys.read_text().splitlines()) < 6):
+        time.sleep(0.5)
+    assert keys.exists(), _log(tmp_path, job)
+    subprocess.run(["scancel", "-s", "USR1", job], check=True)  # what --signal=USR1@N does before the limit
+    assert _wait(job, tmp_path) == "COMPLETED", _log(tmp_path, job)
+    assert _wait(ref, tmp_path) == "COMPLETED", _log(tmp_path, ref)
+
+    info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    log = _log(tmp_path, job)
+    assert "Restarts=1" in info or "restart 1" in log, info + log
+    run = tmp_path / "signalled" / "smoke" / "runs" / job
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"] == str(run / "checkpoints" / "last.ckpt") and summary["global_step"] == 24
+
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "ref" / "smoke" / "runs" / ref / "model.safetensors")
+    b = load_file(run / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "requeued run ended with different weights"
+    got = [json.loads(x)["keys"] for x in keys.read_text().splitlines()]
+    want = [json.loads(x)["keys"] for x in (tmp_path / "ref/keys/keys_rank0.jsonl").read_text().splitlines()]
+    assert got == want  # same batches in the same order, none repeated after the requeue
