@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup data test test-fast lint format smoke bench clean slurm-up slurm-down gpu-check
+.PHONY: setup data test test-fast lint format smoke demo bench clean slurm-up slurm-down gpu-check
 
 setup: ## virtualenv with pinned torch 2.14.1 / torchvision 0.29.1 and every test/lint/offline-asset extra
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,7 +41,10 @@ format:
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-smoke: setup ## the offline main job: CLIP-Refine losses on the shipped tiny CLIP and synthetic pairs (< 1 min)
+demo: setup ## the main offline job: STRUCTURE on real offline encoders (EffNet-Lite0 + MiniLM) and real pairs
+	$(BIN)/python train.py +experiment=structure_offline
+
+smoke: setup ## one-minute check of the CLIP-Refine path: CLIP-Refine losses on the shipped tiny CLIP and synthetic pairs (< 1 min)
 	$(BIN)/python train.py +experiment=smoke
 
 clean:
