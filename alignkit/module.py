@@ -118,7 +118,9 @@ class AlignModule(L.LightningModule):
         images, tokens = batch["image"], batch["text"]
         out = self(images, tokens)
         if self.teacher is not None:
-            out.update(self.teacher_forward(images, tokens))
+            # A TeacherCache callback may have put the teacher's outputs in the batch (alignkit/teacher_cache.py).
+            cached = batch.get("teacher")
+            out.update(cached if cached is not None else self.teacher_forward(images, tokens))
         out["step"] = self.global_step
         terms = self.loss(out)
         self._log_train(terms, out, batch)
