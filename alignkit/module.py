@@ -111,7 +111,8 @@ class AlignModule(L.LightningModule):
 
     @torch.no_grad()
     def teacher_forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        t = OpenCLIPEncoder.encode(self.teacher, images, tokens)
+        # Images in the teacher's dtype: a bfloat16 teacher under fp32 training (no autocast) would refuse fp32 input.
+        t = OpenCLIPEncoder.encode(self.teacher, images.to(next(self.teacher.parameters()).dtype), tokens)
         return {f"teacher_{k}": v.float() for k, v in t.items()}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

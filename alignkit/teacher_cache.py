@@ -273,7 +273,8 @@ class TeacherEmbeddingStore:
         if img_miss:
             sel = torch.as_tensor(img_miss, device=dev)
             with torch.inference_mode(), context():
-                f = teacher.encode_image(images[sel], normalize=False).float().cpu()
+                x = images[sel].to(next(teacher.parameters()).dtype)
+                f = teacher.encode_image(x, normalize=False).float().cpu()
             self.images.insert([keys[i] for i in img_miss], f)
             img_rows, _ = self.images.lookup(list(keys))
         if txt_miss:
@@ -355,7 +356,8 @@ def precompute(
     def flush_images() -> None:
         if imgs:
             with torch.inference_mode(), context():
-                f = teacher.encode_image(torch.stack(imgs).to(device), normalize=False).float()
+                x = torch.stack(imgs).to(device, next(teacher.parameters()).dtype)
+                f = teacher.encode_image(x, normalize=False).float()
             store.add(img_keys, f, None, None)
             done["images"] += len(imgs)
             img_keys.clear(), imgs.clear()
