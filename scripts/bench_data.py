@@ -70,11 +70,14 @@ def main() -> None:
     ds = SyntheticShapes(None, args.samples, 256, 0)
     write_shards((ds.item(i) for i in range(args.samples)), tmp, samples_per_shard=args.samples // 8)
     enc = OpenCLIPEncoder(model="alignkit-tiny-vit", pretrained=None)
-    pres = {"32px (tiny)": enc.preprocess_val, "224px (ViT-B-32)": open_clip.image_transform(224, is_train=False)}
+    pres = {
+        "32px (tiny)": enc.preprocess_val,
+        "224px (ViT-B-32)": open_clip.image_transform(224, is_train=False),
+    }
     print(f"   {args.samples} pairs, 256 px JPEG, 8 shards, batch {args.batch}")
     rates: dict[str, list[float]] = {}
     steps: list[float] = []
-    for rep in range(args.repeats):
+    for _ in range(args.repeats):
         steps.append(step_rate(enc, args.batch))
         for name, pre in pres.items():
             for w in args.workers:
@@ -85,7 +88,9 @@ def main() -> None:
     for k, v in rates.items():
         s = bc.stats(v)
         keeps = "keeps up" if s["median"] >= s_step["median"] else "does NOT keep up"
-        print(f"   {k:28s} {bc.fmt(s, ' samples/s')}  -> {s['median'] / s_step['median']:.2f}x the step rate, {keeps}")
+        print(
+            f"   {k:28s} {bc.fmt(s, ' samples/s')}  -> {s['median'] / s_step['median']:.2f}x the step rate, {keeps}"
+        )
     print(f"\n   peak RSS of the main process: {bc.peak_rss_mb():.0f} MiB (workers are separate processes)")
 
 

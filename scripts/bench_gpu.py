@@ -15,6 +15,7 @@ Prints the card's name; record the result with it in BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import tempfile
 import time
@@ -117,9 +118,11 @@ def measure_alignkit(args, loss: str, device: torch.device) -> dict:
     trainer = bc.build_trainer(cfg, [clock], max_steps=len(batches))
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=0)
     trainer.fit(module, train_dataloaders=loader)
-    steps = [b - a for a, b in zip(clock.ends, clock.ends[1:])][args.warmup :]
+    steps = [b - a for a, b in itertools.pairwise(clock.ends)][args.warmup :]
     step_s = statistics.median(steps)
-    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else bc.peak_rss_mb() / 1024
+    mem = (
+        torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else bc.peak_rss_mb() / 1024
+    )
     return {"step_s": step_s, "samples_s": args.batch / step_s, "flops": flops, "mem_gib": mem}
 
 

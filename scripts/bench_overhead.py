@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import sys
 import time
@@ -80,13 +81,17 @@ def overrides(args, loss: str) -> list[str]:
 def make_batches(args, encoder) -> list[dict]:
     size = encoder.module.visual.image_size
     size = size[0] if isinstance(size, tuple | list) else size
-    ds = SyntheticShapes(PairTransform(encoder.preprocess_val, encoder.tokenizer), args.steps * args.batch, size)
+    ds = SyntheticShapes(
+        PairTransform(encoder.preprocess_val, encoder.tokenizer), args.steps * args.batch, size
+    )
     return [
         collate_pairs([ds[i] for i in range(b * args.batch, (b + 1) * args.batch)]) for b in range(args.steps)
     ]
 
 
-def lightning_run(args, loss: str, batches: list[dict], extra: list[str] = (), cache_store=None) -> list[float]:
+def lightning_run(
+    args, loss: str, batches: list[dict], extra: list[str] = (), cache_store=None
+) -> list[float]:
     cfg = bc.compose(overrides(args, loss) + list(extra))
     torch.manual_seed(0)
     _, module = bc.build_module(cfg)
@@ -95,7 +100,7 @@ def lightning_run(args, loss: str, batches: list[dict], extra: list[str] = (), c
     trainer = bc.build_trainer(cfg, cbs, max_steps=len(batches))
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=0)
     trainer.fit(module, train_dataloaders=loader)
-    return [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    return [b - a for a, b in itertools.pairwise(clock.ends)]
 
 
 def bare_run(args, loss: str, batches: list[dict]) -> list[float]:
@@ -134,7 +139,10 @@ def bare_run(args, loss: str, batches: list[dict]) -> list[float]:
                 ti = teacher.encode_image(img, normalize=False)
                 tt = teacher.encode_text(tok, normalize=False)
                 eye = torch.eye(fi.shape[0])
-                targets = [0.5 * eye + 0.5 * F.softmax(ti @ tt.T, 1), 0.5 * eye + 0.5 * F.softmax(tt @ ti.T, 1)]
+                targets = [
+                    0.5 * eye + 0.5 * F.softmax(ti @ tt.T, 1),
+                    0.5 * eye + 0.5 * F.softmax(tt @ ti.T, 1),
+                ]
             kd = 0.0
             for tgt, lp in zip(targets, [F.log_softmax(fi @ ft.T, 1), F.log_softmax(ft @ fi.T, 1)]):
                 kd = kd + 0.5 * (torch.xlogy(tgt, tgt) - tgt * lp).sum(1).mean()
@@ -143,7 +151,7 @@ def bare_run(args, loss: str, batches: list[dict]) -> list[float]:
         total.backward()
         opt.step()
         ends.append(time.perf_counter())
-    return [b - a for a, b in zip(ends, ends[1:])]
+    return [b - a for a, b in itertools.pairwise(ends)]
 
 
 def run_variant(args, name: str, batches: list[dict], store) -> list[float]:
@@ -174,13 +182,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="alignkit-tiny-vit")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=30, help="steps per run (keep < 100: no checkpoint in the window)")
+    p.add_argument(
+        "--steps", type=int, default=30, help="steps per run (keep < 100: no checkpoint in the window)"
+    )
     p.add_argument("--warmup", type=int, default=5, help="step times dropped at the start of each run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--threads", type=int, default=1, help="1: OpenMP threads spin badly on a shared, oversubscribed machine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="1: OpenMP threads spin badly on a shared, oversubscribed machine",
+    )
     p.add_argument("--variants", nargs="*", default=VARIANTS)
-    p.add_argument("--memory", action="store_true", help="also peak RSS of each variant, each in a fresh process")
+    p.add_argument(
+        "--memory", action="store_true", help="also peak RSS of each variant, each in a fresh process"
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -197,18 +214,24 @@ def main() -> None:
     if args.child:
         store = fill_store(args, batches) if args.child.endswith("+cache") else None
         base = bc.current_rss_mb()
+        bc.reset_peak_rss()
         run_variant(args, args.child, batches, store)
         print(json.dumps({"variant": args.child, "peak_rss_mb": bc.peak_rss_mb(), "rss_before_mb": base}))
         return
     bc.header("framework overhead and teacher cost (benchmarks 1 and 3)")
-    print(f"   model {args.model}, batch {args.batch}, {args.steps} steps/run, {args.repeats} repeats, fp32, CPU")
+    print(
+        f"   model {args.model}, batch {args.batch}, {args.steps} steps/run, {args.repeats} repeats, fp32, CPU"
+    )
     store = fill_store(args, batches) if any(v.endswith("+cache") for v in args.variants) else None
     times: dict[str, list[float]] = {v: [] for v in args.variants}
     for rep in range(args.repeats):
         for v in args.variants:
             t = run_variant(args, v, batches, store)
             times[v] += t[args.warmup :]
-            print(f"   repeat {rep}: {v:28s} median step {bc.stats(t[args.warmup:])['median'] * 1e3:.1f} ms", flush=True)
+            print(
+                f"   repeat {rep}: {v:28s} median step {bc.stats(t[args.warmup :])['median'] * 1e3:.1f} ms",
+                flush=True,
+            )
     s = {v: bc.stats(t) for v, t in times.items()}
     print("\nseconds per optimizer step (after warm-up, pooled over repeats):")
     for v in args.variants:
@@ -219,7 +242,12 @@ def main() -> None:
         ("1. overhead, CLIP-Refine", "alignkit/clip_refine", "bare/clip_refine", "target <= 1.05"),
         ("3. teacher cost, live fp32", "alignkit/clip_refine", "alignkit/contrastive", "target <= 1.15"),
         ("3. teacher cost, cached", "alignkit/clip_refine+cache", "alignkit/contrastive", "target <= 1.15"),
-        ("3. teacher cost, bf16 teacher", "alignkit/clip_refine+bf16", "alignkit/contrastive", "target <= 1.15"),
+        (
+            "3. teacher cost, bf16 teacher",
+            "alignkit/clip_refine+bf16",
+            "alignkit/contrastive",
+            "target <= 1.15",
+        ),
         ("   bare teacher cost", "bare/clip_refine", "bare/contrastive", "(reference)"),
     ]
     for label, a, b, target in pairs:
@@ -236,7 +264,9 @@ def main() -> None:
         for v in args.variants:
             argv = [a for a in sys.argv[1:] if a != "--memory"]
             r = bc.child_peak_rss(__file__, [v, *argv])
-            print(f"   {v:28s} peak {r['peak_rss_mb']:.0f} MiB (RSS before training {r['rss_before_mb']:.0f} MiB)")
+            print(
+                f"   {v:28s} peak {r['peak_rss_mb']:.0f} MiB during training (RSS at its start {r['rss_before_mb']:.0f} MiB)"
+            )
 
 
 if __name__ == "__main__":

@@ -100,7 +100,9 @@ def main() -> None:
     p.add_argument("--model", default="alignkit-tiny-vit")
     p.add_argument("--samples", type=int, default=2048)
     p.add_argument("--per-shard", type=int, default=256)
-    p.add_argument("--image-size", type=int, default=64, help="stored image size (resized by each preprocess)")
+    p.add_argument(
+        "--image-size", type=int, default=64, help="stored image size (resized by each preprocess)"
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
@@ -127,7 +129,7 @@ def main() -> None:
         if rep == 0:
             print(f"   alignkit:        python {a['cmd']}\n   open_clip_train: {o['cmd']}")
     thr = {k: bc.stats([args.batch / w for w in v]) for k, v in res.items()}
-    print("\nsteady-state samples/s (per window of %d steps, after warm-up):" % args.window)
+    print(f"\nsteady-state samples/s (per window of {args.window} steps, after warm-up):")
     for k, s in thr.items():
         print(f"   {k:16s} {bc.fmt(s)}")
     a, o = thr["alignkit"], thr["open_clip_train"]
