@@ -106,6 +106,10 @@ def step_flops(module, batch, device) -> float:
 
 def measure_alignkit(args, loss: str, device: torch.device) -> dict:
     cfg = bc.compose(overrides(args, loss))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        bc.reset_peak_rss()
     torch.manual_seed(0)
     encoder, module = bc.build_module(cfg)
     size = encoder.module.visual.image_size
@@ -137,7 +141,7 @@ def main() -> None:
     p.add_argument("--precision", default="bf16-mixed")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also open_clip_train")
-    p.add_argument("--peer-samples", type=int, default=8192)
+    p.add_argument("--peer-samples", type=int, default=16384)
     p.add_argument("--workers", type=int, default=8)
     args = p.parse_args()
     if args.tiny:

@@ -39,12 +39,19 @@ OC_LAUNCH = (
 BATCH_T = re.compile(r"Batch \(t\): ([0-9.]+)")
 
 
-def env(threads: int) -> dict:
+# open_clip_train imports pandas at module level (for its CSV datasets; the webdataset path never uses it) and
+# the project venv has no pandas: install it aside, e.g. `pip install --no-deps --target /tmp/alignkit-oc-extra
+# pandas`, and point ALIGNKIT_PEER_PYTHONPATH there. Only the open_clip_train subprocess sees it.
+PEER_PATH = os.environ.get("ALIGNKIT_PEER_PYTHONPATH", "/tmp/alignkit-oc-extra")
+
+
+def env(threads: int, extra_path: str = "") -> dict:
     e = dict(os.environ)
+    path = f"{bc.REPO / 'scripts'}:{bc.REPO}" + (f":{extra_path}" if extra_path else "")
     e.update(
         OMP_NUM_THREADS=str(threads),
         MKL_NUM_THREADS=str(threads),
-        PYTHONPATH=f"{bc.REPO / 'scripts'}:{bc.REPO}",
+        PYTHONPATH=path,
         HF_HUB_OFFLINE="1",
         WANDB_MODE="offline",
     )
@@ -52,18 +59,33 @@ def env(threads: int) -> dict:
 
 
 def run_open_clip(
-    args, shards: Path, n_shards: int, out: Path, device: str = "cpu", precision: str = "fp32"
+    args,
+    shards: Path,
+    n_shards: int,
+    out: Path,
+    device: str = "cpu",
+    precision: str = "fp32",
+    tsv: Path | None = None,
 ) -> dict:
+    """open_clip_train on the shards, or (``tsv``) on the same pairs as JPEG files + a TSV (``--dataset-type csv``)."""
+    data = (
+        ["--train-data", str(tsv), "--dataset-type", "csv", "--csv-img-key", "filepath",
+         "--csv-caption-key", "title", "--csv-separator", "\t"]
+        if tsv is not None
+        else ["--train-data", f"{shards}/{{00000..{n_shards - 1:05d}}}.tar", "--dataset-type", "webdataset",
+              "--train-num-samples", str(args.samples)]
+    )  # fmt: skip
     cmd = [
         sys.executable, "-c", OC_LAUNCH, str(MODEL_CONFIG_DIR),
-        "--train-data", f"{shards}/{{00000..{n_shards - 1:05d}}}.tar", "--dataset-type", "webdataset",
-        "--train-num-samples", str(args.samples), "--batch-size", str(args.batch), "--model", args.model,
+        *data, "--batch-size", str(args.batch), "--model", args.model,
         "--epochs", "1", "--workers", str(args.workers), "--device", device, "--precision", precision,
         "--lr", str(args.lr), "--wd", "0.1", "--warmup", "0", "--lr-scheduler", "const",
         "--log-every-n-steps", str(args.window), "--logs", str(out), "--name", "oc", "--report-to", "",
         "--save-frequency", "0", "--seed", "0",
     ]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env(args.threads), cwd=out, timeout=900)
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, env=env(args.threads, PEER_PATH), cwd=out, timeout=900
+    )
     text = res.stdout + res.stderr
     if res.returncode != 0:
         raise RuntimeError(f"open_clip_train failed:\n{text[-3000:]}")
@@ -74,12 +96,24 @@ def run_open_clip(
 
 
 def run_alignkit(
-    args, shards: Path, out: Path, gpu: bool = False, precision: str = "32-true", extra: tuple = ()
+    args,
+    shards: Path,
+    out: Path,
+    gpu: bool = False,
+    precision: str = "32-true",
+    extra: tuple = (),
+    tsv: Path | None = None,
 ) -> dict:
+    """alignkit's train.py on the shards, or (``tsv``) on the same pairs as JPEG files + a TSV (``data=csv``)."""
     clock = out / "clock.json"
+    data = (
+        ["data=csv", f"data.train_csv={tsv}", "data.image_col=filepath", "data.caption_col=title"]
+        if tsv is not None
+        else ["data=webdataset", f"data.train_shards={shards}"]
+    )
     cmd = [
         sys.executable, str(bc.REPO / "train.py"), "encoder=tiny", f"encoder.model={args.model}",
-        "data=webdataset", f"data.train_shards={shards}", f"data.batch_size={args.batch}",
+        *data, f"data.batch_size={args.batch}",
         f"data.num_workers={args.workers}", "trainer=default" if gpu else "trainer=cpu",
         f"trainer.precision={precision}", "loss=contrastive", f"optimizer.lr={args.lr}",
         f"paths.log_dir={out}", "export=false", "seed=0",
@@ -115,26 +149,57 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="alignkit-peer-"))
     ds = SyntheticShapes(None, args.samples, args.image_size, 0)
     paths = write_shards((ds.item(i) for i in range(args.samples)), tmp / "shards", args.per_shard)
-    print(f"   {args.samples} pairs in {len(paths)} shards, model {args.model}, batch {args.batch}, "
-          f"{args.workers} workers, {args.threads} torch thread(s) each, fp32, CPU")  # fmt: skip
-    res: dict[str, list[float]] = {"alignkit": [], "open_clip_train": []}
+    tsv = write_tsv(ds, tmp / "files")
+    print(f"   {args.samples} pairs as {len(paths)} webdataset shards and as JPEG files + TSV; model {args.model}, "
+          f"batch {args.batch}, {args.workers} workers, {args.threads} torch thread(s) each, fp32, CPU")  # fmt: skip
+    try:
+        run_open_clip(args, tmp / "shards", len(paths), Path(tempfile.mkdtemp(dir=tmp)))
+        oc_wds = True
+    except RuntimeError as err:
+        oc_wds = False
+        last = [ln for ln in str(err).splitlines() if ln.strip()][-1]
+        print(f"   open_clip_train cannot read webdataset shards here ({last.strip()}); it runs on the TSV")
+    runs = {
+        "alignkit webdataset": lambda d: run_alignkit(args, tmp / "shards", d),
+        "alignkit csv": lambda d: run_alignkit(args, tmp / "shards", d, tsv=tsv),
+        "open_clip_train csv": lambda d: run_open_clip(args, tmp / "shards", len(paths), d, tsv=tsv),
+    }
+    if oc_wds:
+        runs["open_clip_train webdataset"] = lambda d: run_open_clip(args, tmp / "shards", len(paths), d)
+    res: dict[str, list[float]] = {k: [] for k in runs}
     for rep in range(args.repeats):
-        a = run_alignkit(args, tmp / "shards", Path(tempfile.mkdtemp(dir=tmp)))
-        o = run_open_clip(args, tmp / "shards", len(paths), Path(tempfile.mkdtemp(dir=tmp)))
-        res["alignkit"] += a["window_s"]
-        res["open_clip_train"] += o["window_s"]
-        print(f"   repeat {rep}: alignkit {args.batch / statistics.median(a['window_s']):.1f} samples/s, "
-              f"open_clip_train {args.batch / statistics.median(o['window_s']):.1f} samples/s "
-              f"(alignkit peak RSS {a['peak']:.0f} MiB, main process)", flush=True)  # fmt: skip
-        if rep == 0:
-            print(f"   alignkit:        python {a['cmd']}\n   open_clip_train: {o['cmd']}")
+        line = []
+        for name, fn in runs.items():
+            r = fn(Path(tempfile.mkdtemp(dir=tmp)))
+            res[name] += r["window_s"]
+            line.append(f"{name} {args.batch / statistics.median(r['window_s']):.1f}")
+            if rep == 0:
+                print(f"   command ({name}): {r['cmd']}")
+        print(f"   repeat {rep} samples/s: " + ", ".join(line), flush=True)
     thr = {k: bc.stats([args.batch / w for w in v]) for k, v in res.items()}
     print(f"\nsteady-state samples/s (per window of {args.window} steps, after warm-up):")
     for k, s in thr.items():
-        print(f"   {k:16s} {bc.fmt(s)}")
-    a, o = thr["alignkit"], thr["open_clip_train"]
-    print(f"\nratio alignkit / open_clip_train throughput: {a['median'] / o['median']:.3f}x (median), "
-          f"{a['max'] / o['max']:.3f}x (best window)   target >= 1.0")  # fmt: skip
+        print(f"   {k:28s} {bc.fmt(s)}")
+    o = thr.get("open_clip_train webdataset", thr["open_clip_train csv"])
+    for k in ("alignkit webdataset", "alignkit csv"):
+        a = thr[k]
+        print(f"ratio {k} / open_clip_train ({'webdataset' if oc_wds else 'csv'}): "
+              f"{a['median'] / o['median']:.3f}x (median window)   target >= 1.0")  # fmt: skip
+    a, o = thr["alignkit csv"], thr["open_clip_train csv"]
+    print(f"ratio alignkit csv / open_clip_train csv (same loader type): {a['median'] / o['median']:.3f}x")
+
+
+def write_tsv(ds: SyntheticShapes, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["filepath\ttitle"]
+    for i in range(len(ds)):
+        img, caption = ds.item(i)
+        p = out / f"{i:09d}.jpg"
+        img.convert("RGB").save(p, format="JPEG", quality=95)
+        lines.append(f"{p}\t{caption}")
+    tsv = out / "pairs.tsv"
+    tsv.write_text("\n".join(lines) + "\n")
+    return tsv
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ forward, an epoch of head training on cached features vs with the encoders in th
 pairs vs a per-pair loop, and R_S at batch 4,096 with L = 1, 3 (time and peak RSS, each in a fresh process).
 
 Real offline encoders: EfficientNet-Lite0 (ImageNet weights, 224 px) and all-MiniLM-L6-v2; synthetic image-caption
-pairs. Variants are interleaved over repeats.
+pairs. Variants are interleaved over repeats. Times are CPU time of this (single-threaded) process: on a machine
+shared with other users' jobs, wall time of the same work varies by 2x, CPU time by a few percent.
 
     python scripts/bench_structure.py [--n 96 --batch 32 --repeats 2]
 """
@@ -32,9 +33,9 @@ def rs_child(batch: int, levels: int) -> None:
     a = torch.randn(batch, 512, requires_grad=True)
     base = bc.current_rss_mb()
     bc.reset_peak_rss()
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     structure_regularizer(x, a, levels=levels).backward()
-    dt = time.perf_counter() - t0
+    dt = time.process_time() - t0
     print(json.dumps({"seconds": dt, "peak_rss_mb": bc.peak_rss_mb(), "rss_before_mb": base}))
 
 
@@ -80,14 +81,14 @@ def main() -> None:
     t = {"raw forward": [], "FeatureCache": []}
     entries = {}
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         with torch.no_grad():
             for b in img_batches:
                 vis.forward_layers(b, li)
             for c in cap_batches:
                 txt.forward_layers(c, lt)
-        t["raw forward"].append(args.n / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
+        t["raw forward"].append(args.n / (time.process_time() - t0))
+        t0 = time.process_time()
         for tower, batches, layers in ((vis, img_batches, li), (txt, cap_batches, lt)):
             key = feature_key(encoder=type(tower).__name__, weights="bench", layers=layers, pooling="default",
                               preprocessing="bench", dataset=uuid.uuid4().hex)  # fmt: skip  # a miss every time
@@ -95,9 +96,9 @@ def main() -> None:
                 key, lambda t=tower, b=batches, ly=layers: encode_batches(t, b, ly), num_items=args.n
             )
             entries[tower is txt] = got
-        t["FeatureCache"].append(args.n / (time.perf_counter() - t0))
+        t["FeatureCache"].append(args.n / (time.process_time() - t0))
     s = {k: bc.stats(v) for k, v in t.items()}
-    print("\n4a. feature extraction, all layers of both towers (pairs/s):")
+    print("\n4a. feature extraction, all layers of both towers (pairs per CPU second):")
     for k, v in s.items():
         print(f"   {k:14s} {bc.fmt(v, ' pairs/s')}")
     print(f"   ratio FeatureCache / raw: {s['FeatureCache']['median'] / s['raw forward']['median']:.3f}x (median)"
@@ -121,18 +122,17 @@ def main() -> None:
 
                 def feats():
                     for b, c in zip(img_batches, cap_batches):
-                        with torch.no_grad():
-                            yield (
-                                vis.forward_layers(b, [li[-1]])[li[-1]],
-                                txt.forward_layers(c, [lt[-1]])[lt[-1]],
-                            )
+                        with torch.no_grad():  # left before the yield: the caller's step needs grad mode
+                            xi = vis.forward_layers(b, [li[-1]])[li[-1]]
+                            xt = txt.forward_layers(c, [lt[-1]])[lt[-1]]
+                        yield xi, xt
 
                 feats = feats()
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             train_epoch(heads, loss_fn, opt, feats)
-            ep[mode].append(time.perf_counter() - t0)
+            ep[mode].append(time.process_time() - t0)
     s = {k: bc.stats(v) for k, v in ep.items()}
-    print(f"\n4b. one epoch of linear-head STRUCTURE training over {args.n} pairs (seconds):")
+    print(f"\n4b. one epoch of linear-head STRUCTURE training over {args.n} pairs (CPU seconds):")
     for k, v in s.items():
         print(f"   {k:22s} {bc.fmt(v, ' s')}")
     print(f"   speed-up of cached features: {s['encoders in the loop']['median'] / s['cached features']['median']:.0f}x"
@@ -143,12 +143,12 @@ def main() -> None:
     fb = [torch.randn(args.select_n, 384, generator=g) for _ in range(7)]
     sel = {"all pairs (layer_similarity_matrix)": [], "per-pair loop (mutual_knn)": []}
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         m1 = layer_similarity_matrix(fa, fb, "mutual_knn")
-        sel["all pairs (layer_similarity_matrix)"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        sel["all pairs (layer_similarity_matrix)"].append(time.process_time() - t0)
+        t0 = time.process_time()
         m2 = torch.tensor([[mutual_knn(a, b) for b in fb] for a in fa], dtype=torch.float64)
-        sel["per-pair loop (mutual_knn)"].append(time.perf_counter() - t0)
+        sel["per-pair loop (mutual_knn)"].append(time.process_time() - t0)
     assert torch.allclose(m1, m2)
     s = {k: bc.stats(v) for k, v in sel.items()}
     print(
