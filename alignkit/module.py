@@ -122,7 +122,8 @@ class AlignModule(L.LightningModule):
 
     @torch.no_grad()
     def teacher_forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        t = OpenCLIPEncoder.encode(self.teacher, images, tokens)
+        # Images in the teacher's dtype: a bfloat16 teacher under fp32 training (no autocast) would refuse fp32 input.
+        t = OpenCLIPEncoder.encode(self.teacher, images.to(next(self.teacher.parameters()).dtype), tokens)
         return {f"teacher_{k}": v.float() for k, v in t.items()}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -133,14 +134,33 @@ class AlignModule(L.LightningModule):
         images, tokens = batch["image"], batch["text"]
         out = self(images, tokens)
         if self.teacher is not None:
-            out.update(self.teacher_forward(images, tokens))
+            # A TeacherCache callback may have put the teacher's outputs in the batch (alignkit/teacher_cache.py).
+            cached = batch.get("teacher")
+            out.update(cached if cached is not None else self.teacher_forward(images, tokens))
         out["step"] = self.global_step
         terms = self.loss(out)
         self._log_train(terms, out, batch)
         return terms["loss"]
 
+    def _logs_this_step(self) -> bool:
+        """True on the steps whose metrics the loggers write (Lightning writes when (step + 1) % n == 0) and on the
+        final step (so ``trainer.callback_metrics`` ends with the last step's values).
+
+        Each ``self.log`` call costs Lightning ~1 ms of Python on CPU (it moves a result metric to the value's
+        device every call); logging diagnostics on steps no logger writes made a tiny-model step ~25% slower than
+        a bare loop (BENCHMARKS.md)."""
+        trainer = self.trainer
+        n, step = trainer.log_every_n_steps, self.global_step + 1
+        return (n > 0 and step % n == 0) or (trainer.max_steps > 0 and step >= trainer.max_steps)
+
     def _log_train(self, terms: dict, out: dict, batch: dict) -> None:
         bs = batch["image"].shape[0]
+        # Every step: the progress bar shows it and checkpoint monitors may read it.
+        self.log("train/loss", terms["loss"].detach(), prog_bar=True, batch_size=bs)
+        for w, s in zip(batch["worker"].tolist(), batch["skipped"].tolist()):
+            self._skipped[w] = max(self._skipped.get(w, 0), s)
+        if not self._logs_this_step():
+            return
         scalars = {
             f"train/{k}": v.detach().float()
             for k, v in terms.items()
@@ -152,9 +172,6 @@ class AlignModule(L.LightningModule):
         if "logit_scale" in out:
             scalars["train/logit_scale"] = out["logit_scale"].detach().float()
         self.log_dict(scalars, prog_bar=False, batch_size=bs)
-        self.log("train/loss", terms["loss"].detach(), prog_bar=True, batch_size=bs)
-        for w, s in zip(batch["worker"].tolist(), batch["skipped"].tolist()):
-            self._skipped[w] = max(self._skipped.get(w, 0), s)
         self.log(
             "data/skipped_samples",
             float(sum(self._skipped.values())),

@@ -1,0 +1,187 @@
+"""GPU benchmark: ViT-B-32 CLIP-Refine at bf16 — samples/s, model FLOP utilisation, ratio to open_clip_train.
+
+    python scripts/bench_gpu.py                       # on a GPU machine (random init: no weights offline)
+    python scripts/bench_gpu.py --tiny --device cpu   # dry run of the same code path on CPU
+
+1. alignkit CLIP-Refine and plain contrastive through the Lightning Trainer built as ``train.py`` builds it
+   (``trainer.precision=bf16-mixed``), on device-resident synthetic batches (no data loading): samples/s;
+2. FLOPs of one optimizer step counted with ``torch.utils.flop_counter.FlopCounterMode`` (student forward +
+   backward, teacher forward; the count of what actually runs), MFU = FLOPs/s ÷ the card's dense bf16 peak;
+3. the same contrastive job through ``open_clip_train`` (``--precision amp_bf16``) and through alignkit's
+   ``train.py`` on the same webdataset shards and batch (``bench_peer.py``'s runners): ratio of samples/s.
+Prints the card's name; record the result with it in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import bench_common as bc
+import torch
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by card name fragment; override with --peak-tflops.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
+                    "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # fmt: skip
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def overrides(args, loss: str) -> list[str]:
+    return [
+        "encoder=tiny" if args.tiny else "encoder=open_clip",
+        f"encoder.model={args.model}",
+        "encoder.pretrained=null",
+        "data=synthetic",
+        f"loss={loss}",
+        f"data.batch_size={args.batch}",
+        f"trainer.accelerator={'cpu' if args.device == 'cpu' else 'gpu'}",
+        f"trainer.precision={args.precision}",
+        "trainer.log_every_n_steps=50",
+        "callbacks.progress.refresh_rate=50",
+    ]
+
+
+def device_batches(args, n: int, device: torch.device, image_size: int, ctx: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for b in range(n):
+        out.append(
+            {
+                "image": torch.randn(args.batch, 3, image_size, image_size, generator=g).to(device),
+                "text": torch.randint(1, 49000, (args.batch, ctx), generator=g).to(device),
+                "key": [f"{b}-{i}" for i in range(args.batch)],
+                "skipped": torch.zeros(args.batch, dtype=torch.long),
+                "worker": torch.zeros(args.batch, dtype=torch.long),
+            }
+        )
+    return out
+
+
+class Clock(bc.StepTimesToFile):
+    def __init__(self, device) -> None:
+        super().__init__(path="")
+        self.device = device
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        sync(self.device)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        pass
+
+
+def step_flops(module, batch, device) -> float:
+    """FLOPs of one training step's maths (student fwd + bwd, teacher fwd, loss) as actually dispatched."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module.to(device).train()
+    counter = FlopCounterMode(display=False)
+    dtype = torch.bfloat16 if "bf16" in str(module.trainer_precision) else None
+    with counter, torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        out = module(batch["image"], batch["text"])
+        if module.teacher is not None:
+            out.update(module.teacher_forward(batch["image"], batch["text"]))
+        out["step"] = 0
+        module.loss(out)["loss"].backward()
+    module.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def measure_alignkit(args, loss: str, device: torch.device) -> dict:
+    cfg = bc.compose(overrides(args, loss))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        bc.reset_peak_rss()
+    torch.manual_seed(0)
+    encoder, module = bc.build_module(cfg)
+    size = encoder.module.visual.image_size
+    size = size[0] if isinstance(size, tuple | list) else size
+    ctx = encoder.module.context_length
+    batches = device_batches(args, args.steps, device, size, ctx)
+    module.trainer_precision = args.precision
+    flops = step_flops(module, batches[0], device)
+    clock = Clock(device)
+    trainer = bc.build_trainer(cfg, [clock], max_steps=len(batches))
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=0)
+    trainer.fit(module, train_dataloaders=loader)
+    steps = [b - a for a, b in itertools.pairwise(clock.ends)][args.warmup :]
+    step_s = statistics.median(steps)
+    mem = (
+        torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else bc.peak_rss_mb() / 1024
+    )
+    return {"step_s": step_s, "samples_s": args.batch / step_s, "flops": flops, "mem_gib": mem}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--tiny", action="store_true", help="alignkit-tiny-vit (CPU dry run)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--precision", default="bf16-mixed")
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also open_clip_train")
+    p.add_argument("--peer-samples", type=int, default=16384)
+    p.add_argument("--workers", type=int, default=8)
+    args = p.parse_args()
+    if args.tiny:
+        args.model = "alignkit-tiny-vit"
+    device = torch.device(args.device)
+    bc.header("GPU benchmark: CLIP-Refine at bf16")
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
+    peak = peak_tflops(device, args.peak_tflops)
+    print(f"   card: {card}; model {args.model}; per-device batch {args.batch}; precision {args.precision}")
+    res = {}
+    for loss in ("contrastive", "clip_refine"):
+        r = res[loss] = measure_alignkit(args, loss, device)
+        mfu = f", MFU {r['flops'] / r['step_s'] / (peak * 1e12):.1%} of {peak:g} TFLOP/s" if peak else ""
+        print(f"   alignkit {loss:12s}: {r['samples_s']:.1f} samples/s, {r['flops'] / 1e12:.3f} TFLOP/step, "
+              f"{r['flops'] / r['step_s'] / 1e12:.2f} TFLOP/s{mfu}, peak mem {r['mem_gib']:.2f} GiB", flush=True)  # fmt: skip
+    print(f"   teacher cost (CLIP-Refine / contrastive step time): "
+          f"{res['clip_refine']['step_s'] / res['contrastive']['step_s']:.3f}x")  # fmt: skip
+    if args.peer:
+        import bench_peer as bp
+
+        from alignkit.data.shards import write_shards
+        from alignkit.data.synthetic import SyntheticShapes
+
+        tmp = Path(tempfile.mkdtemp(prefix="alignkit-gpu-peer-"))
+        ds = SyntheticShapes(None, args.peer_samples, 256, 0)
+        paths = write_shards((ds.item(i) for i in range(args.peer_samples)), tmp / "shards", 512)
+        pa = argparse.Namespace(
+            model=args.model, samples=args.peer_samples, batch=args.batch, workers=args.workers,
+            threads=8, lr=1e-5, window=5, warmup_windows=1,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        a = bp.run_alignkit(pa, tmp / "shards", Path(tempfile.mkdtemp(dir=tmp)), gpu=device.type == "cuda",
+                            precision=args.precision, extra=["encoder.pretrained=null"])  # fmt: skip
+        o = bp.run_open_clip(pa, tmp / "shards", len(paths), Path(tempfile.mkdtemp(dir=tmp)),
+                             device=args.device, precision="amp_bf16" if "bf16" in args.precision else "fp32")  # fmt: skip
+        sa = args.batch / statistics.median(a["window_s"])
+        so = args.batch / statistics.median(o["window_s"])
+        print(f"   same shards, contrastive: alignkit train.py {sa:.1f} samples/s, open_clip_train {so:.1f} "
+              f"samples/s, ratio {sa / so:.3f}x  ({time.perf_counter() - t0:.0f}s)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Fill the teacher-embedding cache ahead of training (a forward-only pass; e.g. on otherwise idle GPUs).
+
+    python scripts/precompute_teacher.py +experiment=clip_refine callbacks=teacher_cache data.train_shards=...
+
+Takes the same overrides as ``train.py`` and writes to ``callbacks.teacher_cache.root``; the training run with the
+same config then finds every teacher embedding in the cache (the fingerprint covers teacher weights, dtype,
+precision, device type, preprocessing, tokenizer and the data files).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from alignkit.callbacks.teacher_cache import fingerprint_for
+from alignkit.teacher_cache import TeacherEmbeddingStore, precompute
+from alignkit.train import CONFIG_DIR
+
+log = logging.getLogger("precompute_teacher")
+
+
+def run(cfg: DictConfig, batch_size: int | None = None) -> dict:
+    root = (cfg.get("callbacks") or {}).get("teacher_cache", {}).get("root")
+    if not root:
+        raise ValueError(
+            "set callbacks=teacher_cache (or callbacks.teacher_cache.root=DIR): nowhere to write"
+        )
+    L.seed_everything(cfg.seed)
+    datamodule = instantiate(cfg.data)
+    encoder = instantiate(cfg.encoder)
+    datamodule.attach(encoder.preprocess_train, encoder.preprocess_val, encoder.tokenizer)
+    module = instantiate(cfg.module, _partial_=True)(
+        encoder=encoder,
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler),
+    )
+    if module.teacher is None:
+        raise ValueError("this configuration has no teacher (its loss needs none): nothing to precompute")
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
+    device = trainer.strategy.root_device
+    module.teacher.to(device)
+    store = TeacherEmbeddingStore(fingerprint_for(trainer, module, datamodule, device.type), root)
+    t0 = time.perf_counter()
+    done = precompute(
+        store,
+        module.teacher,
+        datamodule,
+        batch_size=batch_size or datamodule.batch_size,
+        device=device,
+        context=trainer.precision_plugin.forward_context,
+    )
+    store.save()
+    log.info("precomputed %s in %.1fs into %s", done, time.perf_counter() - t0, store.dir)
+    return {**done, "dir": str(store.dir), "seconds": time.perf_counter() - t0}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
