@@ -155,7 +155,7 @@ def main() -> None:
     for loss in ("contrastive", "clip_refine"):
         r = res[loss] = measure_alignkit(args, loss, device)
         mfu = f", MFU {r['flops'] / r['step_s'] / (peak * 1e12):.1%} of {peak:g} TFLOP/s" if peak else ""
-        print(f"   alignkit {loss:12s}: {r['samples_s']:.1f} samples/s, {r['flops'] / 1e12:.3f} TFLOP/step, "
+        print(f"   alignkit {loss:12s}: {r['samples_s']:.1f} samples/s, {r['flops'] / 1e9:.2f} GFLOP/step, "
               f"{r['flops'] / r['step_s'] / 1e12:.2f} TFLOP/s{mfu}, peak mem {r['mem_gib']:.2f} GiB", flush=True)  # fmt: skip
     print(f"   teacher cost (CLIP-Refine / contrastive step time): "
           f"{res['clip_refine']['step_s'] / res['contrastive']['step_s']:.3f}x")  # fmt: skip
@@ -172,15 +172,32 @@ def main() -> None:
             model=args.model, samples=args.peer_samples, batch=args.batch, workers=args.workers,
             threads=8, lr=1e-5, window=5, warmup_windows=1,
         )  # fmt: skip
+        tsv = bp.write_tsv(ds, tmp / "files")  # open_clip_train 3.3 cannot read webdataset 1.x shards
         t0 = time.perf_counter()
-        a = bp.run_alignkit(pa, tmp / "shards", Path(tempfile.mkdtemp(dir=tmp)), gpu=device.type == "cuda",
-                            precision=args.precision, extra=["encoder.pretrained=null"])  # fmt: skip
-        o = bp.run_open_clip(pa, tmp / "shards", len(paths), Path(tempfile.mkdtemp(dir=tmp)),
-                             device=args.device, precision="amp_bf16" if "bf16" in args.precision else "fp32")  # fmt: skip
-        sa = args.batch / statistics.median(a["window_s"])
-        so = args.batch / statistics.median(o["window_s"])
-        print(f"   same shards, contrastive: alignkit train.py {sa:.1f} samples/s, open_clip_train {so:.1f} "
-              f"samples/s, ratio {sa / so:.3f}x  ({time.perf_counter() - t0:.0f}s)")  # fmt: skip
+        kw = dict(gpu=device.type == "cuda", precision=args.precision)
+        oc_prec = "amp_bf16" if "bf16" in args.precision else "fp32"
+        runs = {
+            "alignkit train.py, webdataset": lambda d: bp.run_alignkit(pa, tmp / "shards", d, **kw),
+            "alignkit train.py, csv": lambda d: bp.run_alignkit(pa, tmp / "shards", d, tsv=tsv, **kw),
+            "open_clip_train, csv": lambda d: bp.run_open_clip(
+                pa, tmp / "shards", len(paths), d, device=args.device, precision=oc_prec, tsv=tsv
+            ),
+        }
+        rates = {}
+        for name, fn in runs.items():
+            try:
+                r = fn(Path(tempfile.mkdtemp(dir=tmp)))
+                rates[name] = args.batch / statistics.median(r["window_s"])
+                print(f"   {name}: {rates[name]:.1f} samples/s (contrastive, same pairs, batch {args.batch})")
+            except RuntimeError as err:
+                print(f"   {name}: failed ({str(err).splitlines()[-1]})")
+        if "open_clip_train, csv" in rates:
+            for name in ("alignkit train.py, webdataset", "alignkit train.py, csv"):
+                if name in rates:
+                    print(
+                        f"   ratio {name} / open_clip_train csv: {rates[name] / rates['open_clip_train, csv']:.3f}x"
+                    )
+        print(f"   ({time.perf_counter() - t0:.0f}s)")
 
 
 if __name__ == "__main__":

@@ -234,10 +234,13 @@ def main() -> None:
     )
     store = fill_store(args, batches) if any(v.endswith("+cache") for v in args.variants) else None
     times: dict[str, list[tuple[float, float]]] = {v: [] for v in args.variants}
+    per_rep: list[dict[str, float]] = []  # CPU-time median per variant per repeat, for paired ratios
     for rep in range(args.repeats):
+        per_rep.append({})
         for v in args.variants:
             t = run_variant(args, v, batches, store)[args.warmup :]
             times[v] += t
+            per_rep[-1][v] = bc.stats([x[1] for x in t])["median"]
             wall, cpu = bc.stats([x[0] for x in t]), bc.stats([x[1] for x in t])
             print(f"   repeat {rep}: {v:28s} median step {wall['median'] * 1e3:.1f} ms wall, "
                   f"{cpu['median'] * 1e3:.1f} ms CPU", flush=True)  # fmt: skip
@@ -264,6 +267,13 @@ def main() -> None:
         for label, a, b, target in pairs:
             if a in s and b in s:
                 print(f"   {label:32s} {a} / {b}: {bc.ratio(s[a], s[b])}  {target}")
+    print(
+        "\npaired ratios (CPU time; ratio of medians within each repeat, then min / median / max over repeats):"
+    )
+    for label, a, b, target in pairs:
+        if a in times and b in times:
+            r = bc.stats([d[a] / d[b] for d in per_rep])
+            print(f"   {label:32s} {r['min']:.3f} / {r['median']:.3f} / {r['max']:.3f}  {target}")
     if store is not None:
         per_step = store.fill_seconds / len(batches)
         print(
