@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup data test test-fast lint format smoke demo bench clean slurm-up slurm-down gpu-check
+.PHONY: setup data test test-fast lint format smoke demo clean slurm-up slurm-down gpu-check
 
 setup: ## virtualenv with pinned torch 2.14.1 / torchvision 0.29.1 and every test/lint/offline-asset extra
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -49,3 +49,6 @@ smoke: setup ## one-minute check of the CLIP-Refine path: CLIP-Refine losses on 
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache
+
+# make bench, bench-overhead, bench-peer, bench-structure, bench-data, bench-gpu (results: BENCHMARKS.md)
+include scripts/bench.mk

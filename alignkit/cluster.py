@@ -155,9 +155,12 @@ def check_checkpoint_compatible(ckpt_path: str | Path, module: torch.nn.Module, 
             if saved_run.get(k) != now.get(k):
                 problems.append(f"{k}: checkpoint {saved_run.get(k)!r} vs this run {now.get(k)!r}")
     sd = ckpt.get("state_dict", {})
-    mine = {k: v.shape for k, v in module.state_dict().items() if not k.startswith("teacher.")}
+    # Weights a module deliberately leaves out of its checkpoints (a frozen teacher, frozen towers) are rebuilt
+    # from their source on load, so they are neither missing nor unexpected.
+    skip = tuple(getattr(module, "non_checkpointed_prefixes", ()))
+    mine = {k: v.shape for k, v in module.state_dict().items() if not k.startswith(skip)}
     missing = sorted(set(mine) - set(sd))
-    unexpected = sorted(k for k in set(sd) - set(mine) if not k.startswith("teacher."))
+    unexpected = sorted(k for k in set(sd) - set(mine) if not k.startswith(skip))
     shapes = sorted(k for k in set(mine) & set(sd) if tuple(sd[k].shape) != tuple(mine[k]))
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
         if keys:

@@ -52,6 +52,8 @@ class AlignModule(L.LightningModule):
     model, not from the resumed student (the released CLIP-Refine code gets this wrong).
     """
 
+    non_checkpointed_prefixes = (TEACHER_PREFIX,)  # rebuilt from the starting weights on load
+
     def __init__(
         self,
         encoder: OpenCLIPEncoder,

@@ -13,6 +13,7 @@ bench-overhead: ## 1 + 3 (+6): alignkit vs a bare PyTorch loop; CLIP-Refine teac
 	cd scripts && ../$(BIN)/python bench_overhead.py --memory
 
 bench-peer: ## 2: alignkit train.py vs open_clip_train, same shards / model / batch
+	@test -d /tmp/alignkit-oc-extra/pandas || $(BIN)/pip install -q --no-deps --target /tmp/alignkit-oc-extra pandas
 	cd scripts && ../$(BIN)/python bench_peer.py
 
 bench-structure: ## 4 + 6: FeatureCache extraction, cached-feature epochs, layer selection, R_S at batch 4,096

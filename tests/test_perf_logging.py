@@ -21,7 +21,7 @@ def test_diagnostics_are_logged_on_every_step_the_logger_writes(tmp_path):
         tmp_path,
     )
     summary = train(cfg)
-    with (tmp_path / "csv" / "metrics.csv").open() as f:
+    with (tmp_path / "csv" / "version_0" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     logged = [r for r in rows if r.get("train/loss")]
     assert [int(r["step"]) for r in logged] == [2, 5]  # Lightning writes at (step + 1) % 3 == 0

@@ -59,6 +59,8 @@ class StructureModule(L.LightningModule):
         cca: ``CCAAligner`` options (``reg``, ``weighting``).
     """
 
+    non_checkpointed_prefixes = (MODEL_TOWERS,)  # the frozen towers are rebuilt from their source on load
+
     def __init__(
         self,
         encoder: FrozenTowers,
