@@ -8,13 +8,12 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from alignkit.encoders.openclip import OpenCLIPEncoder
 from alignkit.schedulers import LRSchedule
+from alignkit.training import TrainingModule
 
 log = logging.getLogger(__name__)
 # The frozen teacher is in eval mode on purpose; Lightning's start-of-fit notice about eval-mode modules is noise.
@@ -22,16 +21,7 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 TEACHER_PREFIX = "teacher."
 
 
-def batch_modality_gap(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-    """‖mean(normalised image) − mean(normalised text)‖₂ on one batch (a cheap running estimate for logging)."""
-    return (F.normalize(img.float(), dim=-1).mean(0) - F.normalize(txt.float(), dim=-1).mean(0)).norm()
-
-
-def _no_weight_decay(name: str, p: nn.Parameter) -> bool:
-    return p.ndim < 2 or "logit_scale" in name or "log_scale" in name or name.endswith(".bias")
-
-
-class AlignModule(L.LightningModule):
+class AlignModule(TrainingModule):
     """Train an open_clip model (all or part of it) with a loss node, optionally against a frozen teacher.
 
     Args:
@@ -144,68 +134,15 @@ class AlignModule(L.LightningModule):
         self._log_train(terms, out, batch)
         return terms["loss"]
 
-    def _logs_this_step(self) -> bool:
-        """True on the steps whose metrics the loggers write (Lightning writes when (step + 1) % n == 0) and on the
-        final step (so ``trainer.callback_metrics`` ends with the last step's values).
-
-        Each ``self.log`` call costs Lightning ~1 ms of Python on CPU (it moves a result metric to the value's
-        device every call); logging diagnostics on steps no logger writes made a tiny-model step ~25% slower than
-        a bare loop (BENCHMARKS.md)."""
-        trainer = self.trainer
-        n, step = trainer.log_every_n_steps, self.global_step + 1
-        return (n > 0 and step % n == 0) or (trainer.max_steps > 0 and step >= trainer.max_steps)
-
     def _log_train(self, terms: dict, out: dict, batch: dict) -> None:
         bs = batch["image"].shape[0]
-        # Every step: the progress bar shows it and checkpoint monitors may read it.
-        self.log("train/loss", terms["loss"].detach(), prog_bar=True, batch_size=bs)
-        for w, s in zip(batch["worker"].tolist(), batch["skipped"].tolist()):
-            self._skipped[w] = max(self._skipped.get(w, 0), s)
-        if not self._logs_this_step():
-            return
-        scalars = {
-            f"train/{k}": v.detach().float()
-            for k, v in terms.items()
-            if k != "loss" and torch.is_tensor(v) and v.ndim == 0
-        }
-        scalars["train/modality_gap"] = batch_modality_gap(
-            out["image_features"].detach(), out["text_features"].detach()
-        )
-        if "logit_scale" in out:
-            scalars["train/logit_scale"] = out["logit_scale"].detach().float()
-        self.log_dict(scalars, prog_bar=False, batch_size=bs)
-        self.log(
-            "data/skipped_samples",
-            float(sum(self._skipped.values())),
-            reduce_fx="sum",
-            sync_dist=True,
-            batch_size=bs,
-        )
-        self.log("data/batch_per_device", float(bs), batch_size=bs)
-        self.log(
-            "data/batch_global",
-            float(bs * self.trainer.world_size * self.trainer.accumulate_grad_batches),
-            batch_size=bs,
-        )
-
-    # ----- optimisation -----
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Student parameters that require grad plus the loss's own (e.g. a learnable temperature); never the teacher."""
-        named = [(f"model.{n}", p) for n, p in self.model.named_parameters() if p.requires_grad]
-        named += [(f"loss.{n}", p) for n, p in self.loss.named_parameters() if p.requires_grad]
-        return named
-
-    def configure_optimizers(self):
-        named = self.trainable_parameters()
-        if not named:
-            raise ValueError("no trainable parameters: both towers are locked and the loss has none")
-        if self.weight_decay_on_all:
-            groups = [{"params": [p for _, p in named]}]
-        else:
-            decay = [p for n, p in named if not _no_weight_decay(n, p)]
-            no_decay = [p for n, p in named if _no_weight_decay(n, p)]
-            groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        opt = self.optimizer_factory(groups)
-        total = int(self.trainer.estimated_stepping_batches)
-        sched = self.lr_schedule.build(opt, total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        for w, sk in zip(batch["worker"].tolist(), batch["skipped"].tolist()):
+            self._skipped[w] = max(self._skipped.get(w, 0), sk)
+        if self.log_step(terms, out, bs):
+            self.log(
+                "data/skipped_samples",
+                float(sum(self._skipped.values())),
+                reduce_fx="sum",
+                sync_dist=True,
+                batch_size=bs,
+            )

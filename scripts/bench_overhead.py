@@ -34,8 +34,8 @@ from alignkit.callbacks.teacher_cache import TeacherCache
 from alignkit.data.samples import PairTransform
 from alignkit.data.synthetic import SyntheticShapes
 from alignkit.data.webdataset import collate_pairs
-from alignkit.module import _no_weight_decay
 from alignkit.teacher_cache import TeacherEmbeddingStore
+from alignkit.training import no_weight_decay
 
 VARIANTS = [
     "bare/contrastive",
@@ -126,8 +126,8 @@ def bare_run(args, loss: str, batches: list[dict]) -> list[float]:
     named = list(model.named_parameters())
     opt = torch.optim.AdamW(
         [
-            {"params": [p for n, p in named if not _no_weight_decay(n, p)]},
-            {"params": [p for n, p in named if _no_weight_decay(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not no_weight_decay(n, p)]},
+            {"params": [p for n, p in named if no_weight_decay(n, p)], "weight_decay": 0.0},
         ],
         lr=args.lr,
         weight_decay=0.1,

@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 from alignkit.checkpoint import AtomicCheckpointIO, atomic_torch_save
 from alignkit.data import ImageTextDataModule
 from alignkit.encoders.openclip import OpenCLIPEncoder
-from alignkit.module import AlignModule, batch_modality_gap
+from alignkit.module import AlignModule
 from alignkit.schedulers import LRSchedule
+from alignkit.training import batch_modality_gap
 
 
 def build(start_file, lr=1e-3):

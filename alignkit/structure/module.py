@@ -14,12 +14,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from torch import nn
 
 from alignkit.distributed import all_gather_with_grad
-from alignkit.module import _no_weight_decay, batch_modality_gap
 from alignkit.schedulers import LRSchedule
 from alignkit.structure.model import (
     TOWERS_PREFIX,
@@ -29,6 +27,7 @@ from alignkit.structure.model import (
     save_aligned,
 )
 from alignkit.structure.towers import FrozenTowers
+from alignkit.training import TrainingModule
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ def _temperature(loss: nn.Module, default: float = 0.05) -> float:
     return default
 
 
-class StructureModule(L.LightningModule):
+class StructureModule(TrainingModule):
     """Train two alignment heads on frozen towers.
 
     Args:
@@ -197,30 +196,5 @@ class StructureModule(L.LightningModule):
             "step": self.global_step,
         }
         terms = self.loss(out)
-        bs = xi.shape[0]
-        scalars = {
-            f"train/{k}": v.detach().float()
-            for k, v in terms.items()
-            if k != "loss" and torch.is_tensor(v) and v.ndim == 0
-        }
-        scalars["train/modality_gap"] = batch_modality_gap(
-            out["image_features"].detach(), out["text_features"].detach()
-        )
-        self.log_dict(scalars, batch_size=bs)
-        self.log("train/loss", terms["loss"].detach(), prog_bar=True, batch_size=bs)
-        self.log("data/batch_per_device", float(bs), batch_size=bs)
-        self.log("data/batch_global", float(bs * self.trainer.world_size * self.trainer.accumulate_grad_batches), batch_size=bs)  # fmt: skip
+        self.log_step(terms, out, xi.shape[0])
         return terms["loss"]
-
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        named = [(f"model.{n}", p) for n, p in self.model.named_parameters() if p.requires_grad]
-        named += [(f"loss.{n}", p) for n, p in self.loss.named_parameters() if p.requires_grad]
-        return named
-
-    def configure_optimizers(self):
-        named = self.trainable_parameters()
-        decay = [p for n, p in named if not _no_weight_decay(n, p)]
-        no_decay = [p for n, p in named if _no_weight_decay(n, p)]
-        opt = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
-        sched = self.lr_schedule.build(opt, max(1, int(self.trainer.estimated_stepping_batches)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

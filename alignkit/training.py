@@ -1,0 +1,90 @@
+"""What every alignkit training module shares: the parameters the optimizer sees, the optimizer with its
+step-based LR schedule, and the standard per-step logging."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignkit.schedulers import LRSchedule
+
+
+def batch_modality_gap(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    """‖mean(normalised image) − mean(normalised text)‖₂ on one batch (a cheap running estimate for logging)."""
+    return (F.normalize(img.float(), dim=-1).mean(0) - F.normalize(txt.float(), dim=-1).mean(0)).norm()
+
+
+def no_weight_decay(name: str, p: nn.Parameter) -> bool:
+    """open_clip's rule: no decay on biases, norms/gains (ndim < 2) and logit scales."""
+    return p.ndim < 2 or "logit_scale" in name or "log_scale" in name or name.endswith(".bias")
+
+
+class TrainingModule(L.LightningModule):
+    """Base of the training modules. Subclasses set ``model``, ``loss``, ``optimizer_factory``, ``lr_schedule``."""
+
+    model: nn.Module
+    loss: nn.Module
+    optimizer_factory: Callable[..., torch.optim.Optimizer]
+    lr_schedule: LRSchedule
+    weight_decay_on_all: bool = False
+
+    # ----- optimisation -----
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Model parameters that require grad plus the loss's own (e.g. a learnable temperature)."""
+        named = [(f"model.{n}", p) for n, p in self.model.named_parameters() if p.requires_grad]
+        named += [(f"loss.{n}", p) for n, p in self.loss.named_parameters() if p.requires_grad]
+        return named
+
+    def configure_optimizers(self):
+        named = self.trainable_parameters()
+        if not named:
+            raise ValueError("no trainable parameters: everything is frozen and the loss has none")
+        if self.weight_decay_on_all:
+            groups = [{"params": [p for _, p in named]}]
+        else:
+            decay = [p for n, p in named if not no_weight_decay(n, p)]
+            no_decay = [p for n, p in named if no_weight_decay(n, p)]
+            groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = self.optimizer_factory(groups)
+        sched = self.lr_schedule.build(opt, max(1, int(self.trainer.estimated_stepping_batches)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # ----- logging -----
+    def _logs_this_step(self) -> bool:
+        """True on the steps whose metrics the loggers write (Lightning writes when (step + 1) % n == 0) and on the
+        final step (so ``trainer.callback_metrics`` ends with the last step's values).
+
+        Each ``self.log`` call costs Lightning ~1 ms of Python on CPU (it moves a result metric to the value's
+        device every call); logging diagnostics on steps no logger writes made a tiny-model step ~25% slower than
+        a bare loop (BENCHMARKS.md)."""
+        trainer = self.trainer
+        n, step = trainer.log_every_n_steps, self.global_step + 1
+        return (n > 0 and step % n == 0) or (trainer.max_steps > 0 and step >= trainer.max_steps)
+
+    def log_step(self, terms: dict, out: dict, batch_size: int) -> bool:
+        """``train/loss`` every step (progress bar, checkpoint monitors); on logged steps every scalar term, the
+        batch modality gap, the logit scale and the per-device / global batch sizes. Returns whether it was a
+        logged step."""
+        self.log("train/loss", terms["loss"].detach(), prog_bar=True, batch_size=batch_size)
+        if not self._logs_this_step():
+            return False
+        scalars = {
+            f"train/{k}": v.detach().float()
+            for k, v in terms.items()
+            if k != "loss" and torch.is_tensor(v) and v.ndim == 0
+        }
+        scalars["train/modality_gap"] = batch_modality_gap(
+            out["image_features"].detach(), out["text_features"].detach()
+        )
+        if "logit_scale" in out:
+            scalars["train/logit_scale"] = out["logit_scale"].detach().float()
+        scalars["data/batch_per_device"] = float(batch_size)
+        scalars["data/batch_global"] = float(
+            batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        )
+        self.log_dict(scalars, prog_bar=False, batch_size=batch_size)
+        return True
