@@ -15,11 +15,8 @@ openclipart-png``) and scikit-learn's bundled digits.
 from __future__ import annotations
 
 import argparse
-import gzip
-import io
 import logging
 import random
-import re
 import shutil
 import sys
 import warnings
@@ -30,31 +27,26 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from alignkit.data.offline_pairs import (
+    EVAL_TEMPLATES,
+    FASHION_CLASSES,
+    FASHION_DIR,
+    OPENCLIPART_DIR,
+    clipart_captions,
+    png_bytes,
+    read_idx,
+)
+
 log = logging.getLogger("build_evalsets")
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-OPENCLIPART_DIR = Path("/usr/share/openclipart/png")
-FASHION_CLASSES = [
-    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
-]  # fmt: skip
-FASHION_TEMPLATES = [
-    "a photo of a {c}.",
-    "a black and white photo of a {c}.",
-    "a low resolution photo of a {c}.",
-    "a product photo of a {c}.",
-]
+FASHION_TEMPLATES = EVAL_TEMPLATES
 DIGIT_CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_TEMPLATES = [
     "a photo of the number {c}.",
     "a handwritten digit {c}.",
     "a blurry image of the digit {c}.",
 ]
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _on_white(img: Image.Image) -> Image.Image:
@@ -98,15 +90,6 @@ def _write_classification(root: Path, classes: list[str], templates: list[str]) 
     (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """IDX (MNIST) gz file: 2 zero bytes, dtype code, ndim, big-endian int32 dims, then uint8 data."""
-    with gzip.open(path) as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def build_fashion_mnist(args: argparse.Namespace) -> None:
     src = Path(args.source or FASHION_DIR)
     img_f, lab_f = src / "t10k-images-idx3-ubyte.gz", src / "t10k-labels-idx1-ubyte.gz"
@@ -116,13 +99,13 @@ def build_fashion_mnist(args: argparse.Namespace) -> None:
                 f"error: {f} not found. Install it with 'apt-get install -y dataset-fashion-mnist' "
                 "or pass --source DIR holding t10k-*-ubyte.gz."
             )
-    images, labels = _read_idx(img_f), _read_idx(lab_f)
+    images, labels = read_idx(img_f), read_idx(lab_f)
     root = _prepare(Path(args.out) / args.name, args.overwrite)
     idx = _subset(len(labels), args.limit, args.seed)
     samples = (
         {
             "__key__": f"{i:05d}",
-            "png": _png(Image.fromarray(images[i], "L")),
+            "png": png_bytes(Image.fromarray(images[i], "L")),
             "cls": str(int(labels[i])).encode(),
         }
         for i in idx
@@ -143,7 +126,7 @@ def build_digits(args: argparse.Namespace) -> None:
     samples = (
         {
             "__key__": f"{i:05d}",
-            "png": _png(Image.fromarray(images[i], "L")),
+            "png": png_bytes(Image.fromarray(images[i], "L")),
             "cls": str(int(digits.target[i])).encode(),
         }
         for i in idx
@@ -151,28 +134,6 @@ def build_digits(args: argparse.Namespace) -> None:
     n = _write_shards(root, samples, args.shard_size)
     _write_classification(root, DIGIT_CLASSES, DIGIT_TEMPLATES)
     log.info("digits: wrote %d images to %s", n, root)
-
-
-def _words(text: str) -> list[str]:
-    """Lower-case words of a file or folder name; pure numbers (version counters like _01) are dropped."""
-    return [w for w in re.split(r"[\s_\-.]+", text.lower()) if w and not w.isdigit()]
-
-
-def clipart_captions(rel: Path) -> list[str]:
-    """Captions from what the file name and category path say, nothing more.
-
-    One caption from the file-name words; a second adding the category path only when the category
-    contributes words the name lacks. Empty when the name has no words.
-    """
-    name = _words(rel.stem)
-    if not name:
-        return []
-    caps = [f"clip art of {' '.join(name)}."]
-    cats = [" ".join(_words(part)) for part in rel.parent.parts]
-    cats = [c for c in cats if c]
-    if cats and set(" ".join(cats).split()) - set(name):
-        caps.append(f"{' '.join(name)}, a drawing from the category {', '.join(cats)}.")
-    return caps
 
 
 def build_openclipart(args: argparse.Namespace) -> None:
@@ -222,7 +183,7 @@ def build_openclipart(args: argparse.Namespace) -> None:
             log.warning("openclipart: skipping unreadable %s (%s)", f, e)
             continue
         rgb.thumbnail((args.max_side, args.max_side), Image.Resampling.BICUBIC)
-        chosen.append((f, _png(rgb)))
+        chosen.append((f, png_bytes(rgb)))
     if huge:
         log.info("openclipart: skipped %d images over %d pixels", huge, args.max_pixels)
     chosen.sort()

@@ -32,7 +32,14 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FASHION_CLASSES", "clipart_captions", "ensure_offline_pairs", "read_idx"]
+__all__ = [
+    "EVAL_TEMPLATES",
+    "FASHION_CLASSES",
+    "clipart_captions",
+    "ensure_offline_pairs",
+    "png_bytes",
+    "read_idx",
+]
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 OPENCLIPART_DIR = "/usr/share/openclipart/png"
@@ -81,7 +88,7 @@ def clipart_captions(rel: Path) -> list[str]:
     return caps
 
 
-def _png(img: Image.Image) -> bytes:
+def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -124,7 +131,7 @@ def _load_clipart(f: Path, max_side: int) -> bytes | None:
         log.warning("skipping unreadable clip art %s (%s)", f, err)
         return None
     rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-    return _png(rgb)
+    return png_bytes(rgb)
 
 
 def ensure_offline_pairs(
@@ -190,7 +197,7 @@ def _build(out: Path, p: dict, fdir: Path, cdir: Path) -> None:
             caps = [t.format(c=c) for t in rng.sample(TRAIN_TEMPLATES, k)]
             yield {
                 "__key__": f"fm{i:05d}",
-                "png": _png(Image.fromarray(images[i], "L")),
+                "png": png_bytes(Image.fromarray(images[i], "L")),
                 "txt": "\n".join(caps),
             }
 
@@ -225,7 +232,7 @@ def _build(out: Path, p: dict, fdir: Path, cdir: Path) -> None:
     _write_tars(
         ev / "test",
         (
-            {"__key__": f"{i:05d}", "png": _png(Image.fromarray(ti[i], "L")), "cls": str(int(tl[i]))}
+            {"__key__": f"{i:05d}", "png": png_bytes(Image.fromarray(ti[i], "L")), "cls": str(int(tl[i]))}
             for i in sub
         ),
     )
