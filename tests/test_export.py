@@ -7,24 +7,17 @@ import open_clip
 import pytest
 import torch
 
+from alignkit.encoders.openclip import register_shipped_configs
 from alignkit.export import export_checkpoint, extract_state_dict, main
-
-TINY = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny open_clip 'student' with perturbed weights and a Lightning-style checkpoint holding it."""
-    cfg = tmp_path_factory.mktemp("cfg") / "tiny-test.json"  # open_clip names the model after the file stem
-    cfg.write_text(json.dumps(TINY))
-    open_clip.add_model_config(cfg)
+    register_shipped_configs()  # the 3.4M-parameter CLIP shipped in alignkit/model_configs
     torch.manual_seed(0)
-    teacher = open_clip.create_model("tiny-test")
-    student = open_clip.create_model("tiny-test")
+    teacher = open_clip.create_model("alignkit-tiny-vit")
+    student = open_clip.create_model("alignkit-tiny-vit")
     student.load_state_dict(teacher.state_dict())
     with torch.no_grad():
         for p in student.parameters():
@@ -38,7 +31,7 @@ def trained(tmp_path_factory):
         "state_dict": state,
         "epoch": 0,
         "global_step": 10,
-        "hyper_parameters": {"encoder": {"model_name": "tiny-test", "pretrained": None}, "lr": 1e-6},
+        "hyper_parameters": {"encoder": {"model_name": "alignkit-tiny-vit", "pretrained": None}, "lr": 1e-6},
     }
     torch.save(ckpt, run / "checkpoints" / "last.ckpt")
     return student.eval(), teacher.eval(), run
@@ -47,7 +40,7 @@ def trained(tmp_path_factory):
 def _embed(model, preprocess=None):
     g = torch.Generator().manual_seed(1)
     images = torch.randn(3, 3, 32, 32, generator=g)
-    tokens = open_clip.get_tokenizer("tiny-test")(["a cat", "a dog on grass", "x"])
+    tokens = open_clip.get_tokenizer("alignkit-tiny-vit")(["a cat", "a dog on grass", "x"])
     with torch.no_grad():
         return model.encode_image(images), model.encode_text(tokens)
 
@@ -58,7 +51,7 @@ def test_round_trip(trained, tmp_path, caplog, suffix):
     out = export_checkpoint(run / "checkpoints" / "last.ckpt", tmp_path / f"tiny{suffix}")
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        model, _, _ = open_clip.create_model_and_transforms("tiny-test", pretrained=str(out))
+        model, _, _ = open_clip.create_model_and_transforms("alignkit-tiny-vit", pretrained=str(out))
     # open_clip loads full checkpoints with strict=True (a key mismatch raises); also no warnings logged
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     reloaded_keys = set(model.state_dict())
@@ -73,7 +66,7 @@ def test_round_trip(trained, tmp_path, caplog, suffix):
     torch.testing.assert_close(txt_r, txt_s, atol=1e-6, rtol=1e-5)
     # and it is the student, not the teacher
     assert not torch.allclose(img_r, _embed(teacher)[0], atol=1e-3)
-    assert json.loads(out.with_suffix(".json").read_text())["architecture"] == "tiny-test"
+    assert json.loads(out.with_suffix(".json").read_text())["architecture"] == "alignkit-tiny-vit"
 
 
 def test_run_directory_and_cli(trained, tmp_path):
@@ -107,8 +100,8 @@ def test_omegaconf_hyper_parameters(tmp_path):
     # Lightning saves Hydra configs as OmegaConf objects, which torch's weights_only loader refuses.
     from omegaconf import OmegaConf
 
-    hp = OmegaConf.create({"encoder": {"arch": "tiny-test"}})
+    hp = OmegaConf.create({"encoder": {"arch": "alignkit-tiny-vit"}})
     torch.save({"state_dict": {"model.w": torch.ones(2)}, "hyper_parameters": hp}, tmp_path / "b.ckpt")
     out = export_checkpoint(tmp_path / "b.ckpt", tmp_path / "b.pt")
-    assert json.loads(out.with_suffix(".json").read_text())["architecture"] == "tiny-test"
+    assert json.loads(out.with_suffix(".json").read_text())["architecture"] == "alignkit-tiny-vit"
     assert torch.equal(torch.load(out, weights_only=True)["w"], torch.ones(2))

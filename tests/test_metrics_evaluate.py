@@ -1,7 +1,6 @@
 """encode_eval_set / evaluate_embeddings with a tiny open_clip model; sharding simulated as world_size=2."""
 
 import io
-import json
 
 import numpy as np
 import open_clip
@@ -10,6 +9,7 @@ import torch
 from PIL import Image
 
 from alignkit.data.evalsets import ClassificationSet, ImageList, RetrievalSet
+from alignkit.encoders.openclip import register_shipped_configs
 from alignkit.evaluate import (
     encode_eval_set,
     encode_eval_set_shard,
@@ -18,21 +18,13 @@ from alignkit.evaluate import (
     merge_shards,
 )
 
-TINY = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    cfg = tmp_path_factory.mktemp("cfg") / "tiny-test.json"  # open_clip names the model after the file stem
-    cfg.write_text(json.dumps(TINY))
-    open_clip.add_model_config(cfg)
+    register_shipped_configs()  # the 3.4M-parameter CLIP shipped in alignkit/model_configs
     torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms("tiny-test")
-    return model, open_clip.get_tokenizer("tiny-test"), preprocess
+    model, _, preprocess = open_clip.create_model_and_transforms("alignkit-tiny-vit")
+    return model, open_clip.get_tokenizer("alignkit-tiny-vit"), preprocess
 
 
 def _images(n: int, seed: int = 0) -> ImageList:
