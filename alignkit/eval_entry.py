@@ -34,11 +34,12 @@ from alignkit.report import (
     render_report,
     save_history,
 )
+from alignkit.train import CONFIG_DIR  # one config tree for train.py and eval.py
 
 __all__ = ["LoadedModel", "evaluate", "load_model", "main"]
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
 _AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

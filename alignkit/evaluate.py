@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from alignkit.data.evalsets import ClassificationSet, EvalSet
+from alignkit.distributed import rank as dist_rank
+from alignkit.distributed import world_size as dist_world
 from alignkit.metrics import (
     geometry_metrics,
     retrieval_metrics,
@@ -80,14 +82,6 @@ def _texts_and_targets(evalset: EvalSet) -> tuple[list[str], Tensor, tuple[int, 
     return texts, torch.tensor(owners, dtype=torch.long), (len(texts),)
 
 
-def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 @torch.no_grad()
 def encode_eval_set_shard(
     model: torch.nn.Module,
@@ -105,7 +99,9 @@ def encode_eval_set_shard(
     The model is put in eval mode for the duration and its previous mode restored. ``rank``/``world_size``
     default to the initialised process group, or (0, 1).
     """
-    rank, world = _rank_world(rank, world_size)
+    rank, world = (
+        (rank, world_size) if rank is not None and world_size is not None else (dist_rank(), dist_world())
+    )
     texts, targets, text_shape = _texts_and_targets(evalset)
     img_idx = torch.arange(len(evalset.images))[rank::world]
     txt_idx = torch.arange(len(texts))[rank::world]
@@ -168,8 +164,8 @@ def gather_shards(shard: EncodedShard) -> EncodedEvalSet:
     ``all_gather_object`` moves CPU tensors by pickling; eval embeddings are small (N × d floats), and
     this avoids padding unequal strided slices. Every rank gets the full result.
     """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        shards: list[EncodedShard | None] = [None] * dist.get_world_size()
+    if dist_world() > 1:
+        shards: list[EncodedShard | None] = [None] * dist_world()
         dist.all_gather_object(shards, shard)
         return merge_shards([s for s in shards if s is not None])
     return merge_shards([shard])
@@ -234,7 +230,7 @@ def evaluate_sets(
         metrics.update(evaluate_embeddings(encoded, name))
         if name in keep:
             kept[name] = encoded
-        rank, world = _rank_world(None, None)
+        rank, world = dist_rank(), dist_world()
         n_img = encoded.image.shape[0]
         log.info(
             "evaluated %s: %d images (rank %d/%d encoded %d of them)",

@@ -22,10 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def compose_train(overrides: list[str], run_dir: Path | None = None) -> DictConfig:
-    """Compose configs/train.yaml like the CLI would, with the run directory set to ``run_dir``."""
+def compose_train(
+    overrides: list[str], run_dir: Path | None = None, config_name: str = "train"
+) -> DictConfig:
+    """Compose configs/<config_name>.yaml like the CLI would, with the output directory set to ``run_dir``."""
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=False)
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=False)
     if run_dir is not None:
         with open_dict(cfg):
             cfg.paths.output_dir = str(run_dir)

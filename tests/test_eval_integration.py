@@ -15,7 +15,6 @@ import open_clip
 import pytest
 import torch
 from conftest import compose_train
-from omegaconf import open_dict
 from PIL import Image
 
 from alignkit.cli import main as cli_main
@@ -57,15 +56,7 @@ def run(tmp_path_factory):
 
 
 def _eval_cfg(overrides, out_dir):
-    from hydra import compose, initialize_config_dir
-
-    from alignkit.eval_entry import CONFIG_DIR
-
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        cfg = compose(config_name="eval", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
+    return compose_train(overrides, out_dir, config_name="eval")
 
 
 def test_callback_evaluates_before_periodically_and_at_the_end(run):

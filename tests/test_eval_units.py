@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import compose_train
 from hydra.utils import instantiate
-from omegaconf import open_dict
 
 from alignkit.callbacks.evaluation import FIRST_EMBEDDINGS_FILE, EvaluationCallback
 from alignkit.data.evalsets import ClassificationSet, RetrievalSet
@@ -87,15 +86,7 @@ def test_a_set_that_was_not_built_names_the_path_and_the_builder(tmp_path):
 
 
 def _eval_cfg(overrides, out_dir):
-    from hydra import compose, initialize_config_dir
-
-    from alignkit.eval_entry import CONFIG_DIR
-
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        cfg = compose(config_name="eval", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
+    return compose_train(overrides, out_dir, config_name="eval")
 
 
 def test_eval_entry_bad_inputs(tmp_path):
