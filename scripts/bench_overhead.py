@@ -101,7 +101,7 @@ def make_batches(args, encoder) -> list[dict]:
 
 def lightning_run(
     args, loss: str, batches: list[dict], extra: list[str] = (), cache_store=None
-) -> list[float]:
+) -> list[tuple[float, float]]:
     cfg = bc.compose(overrides(args, loss) + list(extra))
     torch.manual_seed(0)
     _, module = bc.build_module(cfg)
@@ -113,27 +113,30 @@ def lightning_run(
     return deltas(clock.ends)
 
 
-def bare_run(args, loss: str, batches: list[dict]) -> list[float]:
-    """A hand-written loop: what a user would write without a framework."""
-    from alignkit.encoders.openclip import OpenCLIPEncoder
+class BareLoop:
+    """A hand-written training loop: what a user would write without a framework (same maths as alignkit's nodes)."""
 
-    torch.manual_seed(0)
-    model = OpenCLIPEncoder(model=args.model, pretrained=None).module
-    model.train()
-    teacher = None
-    if loss == "clip_refine":
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    named = list(model.named_parameters())
-    opt = torch.optim.AdamW(
-        [
-            {"params": [p for n, p in named if not no_weight_decay(n, p)]},
-            {"params": [p for n, p in named if no_weight_decay(n, p)], "weight_decay": 0.0},
-        ],
-        lr=args.lr,
-        weight_decay=0.1,
-    )
-    ends = []
-    for step, b in enumerate(batches):
+    def __init__(self, args, loss: str) -> None:
+        from alignkit.encoders.openclip import OpenCLIPEncoder
+
+        torch.manual_seed(0)
+        self.model = OpenCLIPEncoder(model=args.model, pretrained=None).module
+        self.model.train()
+        self.teacher = None
+        if loss == "clip_refine":
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        named = list(self.model.named_parameters())
+        self.opt = torch.optim.AdamW(
+            [
+                {"params": [p for n, p in named if not no_weight_decay(n, p)]},
+                {"params": [p for n, p in named if no_weight_decay(n, p)], "weight_decay": 0.0},
+            ],
+            lr=args.lr,
+            weight_decay=0.1,
+        )
+
+    def step(self, b: dict, step: int) -> None:
+        model, teacher = self.model, self.teacher
         img, tok = b["image"], b["text"]
         fi = model.encode_image(img, normalize=False)
         ft = model.encode_text(tok, normalize=False)
@@ -157,11 +160,55 @@ def bare_run(args, loss: str, batches: list[dict]) -> list[float]:
             for tgt, lp in zip(targets, [F.log_softmax(fi @ ft.T, 1), F.log_softmax(ft @ fi.T, 1)]):
                 kd = kd + 0.5 * (torch.xlogy(tgt, tgt) - tgt * lp).sum(1).mean()
             total = total + kd
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         total.backward()
-        opt.step()
+        self.opt.step()
+
+
+def bare_run(args, loss: str, batches: list[dict]) -> list[tuple[float, float]]:
+    loop = BareLoop(args, loss)
+    ends = []
+    for step, b in enumerate(batches):
+        loop.step(b, step)
         ends.append(now())
     return deltas(ends)
+
+
+class InterleavedBare(Callback):
+    """Paired design: after every alignkit step, one bare step on the same batch in the same process.
+
+    Each alignkit step is then timed from the end of the preceding bare step to its own end, and each bare step
+    from its start to its end, so the two times of a pair are measured seconds apart under the same load, memory
+    state and CPU frequency. On a shared machine this cancels most of the noise separate runs suffer from."""
+
+    def __init__(self, args, loss: str, batches: list[dict]) -> None:
+        self.loop, self.batches = BareLoop(args, loss), batches
+        self.resumed: tuple[float, float] | None = None
+        self.pairs: list[tuple[float, float]] = []  # (alignkit CPU s, bare CPU s) per step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.resumed is None:
+            self.resumed = now()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        end = now()
+        ak = end[1] - self.resumed[1]
+        self.loop.step(self.batches[batch_idx], batch_idx)
+        self.resumed = now()
+        self.pairs.append((ak, self.resumed[1] - end[1]))
+
+
+def interleaved_run(
+    args, loss: str, batches: list[dict], extra: list[str] = ()
+) -> list[tuple[float, float]]:
+    cfg = bc.compose(overrides(args, loss) + list(extra))
+    torch.manual_seed(0)
+    _, module = bc.build_module(cfg)
+    pair = InterleavedBare(args, loss, batches)
+    trainer = bc.build_trainer(cfg, [pair], max_steps=len(batches))
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=0)
+    trainer.fit(module, train_dataloaders=loader)
+    return pair.pairs
 
 
 def run_variant(args, name: str, batches: list[dict], store) -> list[float]:
@@ -188,6 +235,30 @@ def fill_store(args, batches) -> TeacherEmbeddingStore:
     return store
 
 
+def paired_report(args, batches: list[dict]) -> None:
+    """Benchmark 1 with the step-interleaved design (:class:`InterleavedBare`), CPU time."""
+    print(
+        "\n1. framework overhead, step-interleaved (one bare step after every alignkit step, same process; CPU time):"
+    )
+    for loss in args.paired:
+        pairs, per_rep = [], []
+        for _ in range(args.repeats):
+            got = interleaved_run(args, loss, batches)[args.warmup :]
+            pairs += got
+            per_rep.append(bc.stats([a for a, _ in got])["median"] / bc.stats([b for _, b in got])["median"])
+        ak, bare = bc.stats([a for a, _ in pairs]), bc.stats([b for _, b in pairs])
+        step_ratio = bc.stats([a / b for a, b in pairs])
+        rep = bc.stats(per_rep)
+        print(f"   {loss:12s} alignkit {bc.fmt(ak, ' ms', 1e3)}")
+        print(f"   {'':12s} bare     {bc.fmt(bare, ' ms', 1e3)}")
+        print(
+            f"   {'':12s} alignkit / bare: {ak['median'] / bare['median']:.3f}x (ratio of medians, {len(pairs)} "
+            f"pairs); per-pair ratio median {step_ratio['median']:.3f}x; per-repeat {rep['min']:.3f} / "
+            f"{rep['median']:.3f} / {rep['max']:.3f}  target <= 1.05",
+            flush=True,
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="alignkit-tiny-vit")
@@ -205,6 +276,13 @@ def main() -> None:
         help="1: OpenMP threads spin badly on a shared, oversubscribed machine",
     )
     p.add_argument("--variants", nargs="*", default=VARIANTS)
+    p.add_argument(
+        "--paired",
+        nargs="*",
+        default=["contrastive", "clip_refine"],
+        choices=["contrastive", "clip_refine"],
+        help="losses for the step-interleaved alignkit / bare comparison (the headline of benchmark 1)",
+    )
     p.add_argument(
         "--memory", action="store_true", help="also peak RSS of each variant, each in a fresh process"
     )
@@ -274,6 +352,8 @@ def main() -> None:
         if a in times and b in times:
             r = bc.stats([d[a] / d[b] for d in per_rep])
             print(f"   {label:32s} {r['min']:.3f} / {r['median']:.3f} / {r['max']:.3f}  {target}")
+    if args.paired:
+        paired_report(args, batches)
     if store is not None:
         per_step = store.fill_seconds / len(batches)
         print(
