@@ -198,9 +198,7 @@ class InterleavedBare(Callback):
         self.pairs.append((ak, self.resumed[1] - end[1]))
 
 
-def interleaved_run(
-    args, loss: str, batches: list[dict], extra: list[str] = ()
-) -> list[tuple[float, float]]:
+def interleaved_run(args, loss: str, batches: list[dict], extra: list[str] = ()) -> list[tuple[float, float]]:
     cfg = bc.compose(overrides(args, loss) + list(extra))
     torch.manual_seed(0)
     _, module = bc.build_module(cfg)
