@@ -24,6 +24,7 @@ def init_gloo(rank: int, world: int, port: int) -> None:
 
 def _loss_nodes():
     from alignkit.losses import HybridDistillation, InfoNCE, RandomFeatureAlignment
+    from alignkit.losses.structure import StructureLoss
 
     return {
         "infonce_gather_local": InfoNCE(normalize=True, logit_scale="none", temperature=0.1),
@@ -34,6 +35,13 @@ def _loss_nodes():
         "hycd_gather_local": HybridDistillation(alpha=0.5),
         "hycd_gather_global": HybridDistillation(alpha=0.5, cross_rank="gather_global_loss"),
         "rafa": RandomFeatureAlignment(seed=3),
+        # InfoNCE with global negatives (local loss) + R_S on the gathered batch
+        "structure_gathered": StructureLoss(
+            temperature=0.1, lambda_structure=2.0, warmup_steps=0, gather_structure=True
+        ),
+        # R_S on each rank's own batch (the default): checked against per-chunk references
+        "structure_local_rs": StructureLoss(temperature=0.1, lambda_structure=2.0, warmup_steps=0),
+        "structure_infonce_only": StructureLoss(temperature=0.1, warmup_steps=0, use_structure=False),
     }
 
 
@@ -54,6 +62,8 @@ def _loss_and_grads(node, x_img, x_txt, w_img, w_txt, t_img, t_txt):
         "text_features": x_txt @ wt,
         "teacher_image_features": t_img,
         "teacher_text_features": t_txt,
+        "image_inputs": x_img,  # STRUCTURE's R_S compares the head outputs with these frozen inputs
+        "text_inputs": x_txt,
         "step": 7,
     }
     loss = node(out)["loss"]

@@ -44,7 +44,14 @@ def loss_results(spawned):
 
 @pytest.mark.parametrize(
     "name",
-    ["infonce_gather_local", "infonce_gather_global", "hycd_gather_local", "hycd_gather_global", "rafa"],
+    [
+        "infonce_gather_local",
+        "infonce_gather_global",
+        "hycd_gather_local",
+        "hycd_gather_global",
+        "rafa",
+        "structure_gathered",
+    ],
 )
 def test_gathered_losses_and_gradients_equal_one_process_on_the_whole_batch(loss_results, name):
     for r in loss_results:
@@ -69,6 +76,25 @@ def test_local_infonce_is_the_mean_of_per_rank_losses(loss_results):
         _close(mean_loss, sum(c[0] for c in chunk) / WORLD)
         _close(gi, mean_gi)
         assert not torch.allclose(gi, r["losses"]["infonce_local"]["full"][1], atol=1e-4)
+
+
+def test_structure_local_rs_is_global_infonce_plus_the_mean_of_per_rank_rs(loss_results):
+    # Default STRUCTURE across ranks: InfoNCE over the gathered batch, R_S on each rank's own batch. The averaged
+    # gradient is the global InfoNCE gradient + the mean of the per-chunk R_S gradients (independent references:
+    # the InfoNCE-only node on the whole batch, and chunk runs of the full node minus chunk runs of InfoNCE-only).
+    infonce_full = loss_results[0]["losses"]["structure_infonce_only"]["full"]
+    rs_chunk_grads = []
+    for r in loss_results:
+        full_chunk = r["losses"]["structure_local_rs"]["local_chunk"]
+        nce_chunk = r["losses"]["structure_infonce_only"]["local_chunk"]
+        rs_chunk_grads.append([(full_chunk[i] - nce_chunk[i]) for i in (1, 2)])
+    for r in loss_results:
+        _, gi, gt, _ = r["losses"]["structure_local_rs"]["dist"]
+        for k, g in ((0, gi), (1, gt)):
+            expected = infonce_full[k + 1] + sum(c[k] for c in rs_chunk_grads) / WORLD
+            _close(g, expected)
+        # ... which is not the single-process gradient on the whole batch (R_S is not gathered)
+        assert not torch.allclose(gi, r["losses"]["structure_local_rs"]["full"][1], atol=1e-4)
 
 
 def test_tiny_clip_parameter_gradients_under_ddp_equal_one_big_batch(loss_results):

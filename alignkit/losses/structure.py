@@ -15,12 +15,16 @@ where ``P^l`` is the l-th matrix power (l-hop random walk) and Div sums the row 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from alignkit.distributed import all_gather_with_grad
+from alignkit.losses.common import CrossRank
+from alignkit.losses.contrastive import InfoNCE
 
 Weighting = Literal["none", "inverse"]
 Centering = Literal["none", "mean", "standard"]
@@ -28,7 +32,7 @@ Similarity = Literal["cosine", "rbf"]
 Divergence = Literal["kl_from_midpoint", "js"]
 ModalityReduction = Literal["mean", "sum"]
 
-__all__ = ["StructureLoss", "infonce_loss", "row_divergence", "structure_regularizer", "transition_matrix"]
+__all__ = ["StructureLoss", "row_divergence", "structure_regularizer", "transition_matrix"]
 
 
 def _center(z: Tensor, centering: str, eps: float) -> Tensor:
@@ -143,17 +147,6 @@ def structure_regularizer(
         return total / levels
 
 
-def infonce_loss(a1: Tensor, a2: Tensor, temperature: float) -> Tensor:
-    """Symmetric InfoNCE on ``norm(a1) @ norm(a2).T / temperature``; inputs are already gathered."""
-    logits = F.normalize(a1.float(), dim=-1) @ F.normalize(a2.float(), dim=-1).T / temperature
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
-
-
-def _identity(t: Tensor) -> Tensor:
-    return t
-
-
 class StructureLoss(nn.Module):
     """InfoNCE (fixed τ, normalised outputs) + λ_t · R_S, the STRUCTURE objective.
 
@@ -163,9 +156,11 @@ class StructureLoss(nn.Module):
     is required while a warm-up is active (``warmup_steps > 0``) so that a forgotten step never silently
     trains with λ=0; it may be omitted when ``warmup_steps == 0``.
 
-    ``gather_fn`` (default identity) is applied to the four tensors before the maths; plug in a
-    cross-rank all-gather with gradient there. R_S uses the gathered batch only when ``gather_structure``.
-    With ``use_structure=False`` the R_S terms are still computed (without gradient) for monitoring and
+    Across ranks, InfoNCE is :class:`alignkit.losses.InfoNCE` with ``cross_rank`` (default ``gather_local_loss``:
+    global negatives, open_clip's local loss). R_S is computed on each rank's own batch unless
+    ``gather_structure``, which gathers inputs and head outputs (with gradient) so that every rank computes R_S
+    on the global batch (the update then equals one process on the whole batch). On one process both are the
+    same. With ``use_structure=False`` the R_S terms are still computed (without gradient) for monitoring and
     ``lambda_structure`` is reported as 0.
     """
 
@@ -187,8 +182,8 @@ class StructureLoss(nn.Module):
         modality_reduction: ModalityReduction = "mean",
         use_structure: bool = True,
         gather_structure: bool = False,
+        cross_rank: CrossRank = "gather_local_loss",
         eps: float = 1e-12,
-        gather_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         """Defaults follow the released code: τ=0.05 shared by InfoNCE and R_S (``structure_tau=None``),
         λ=10 with 1,000 warm-up steps, L=1 unweighted, mean centring after normalisation, cosine, diagonal
@@ -204,7 +199,10 @@ class StructureLoss(nn.Module):
         self.modality_reduction = modality_reduction
         self.use_structure = use_structure
         self.gather_structure = gather_structure
-        self.gather_fn = gather_fn or _identity
+        # fixed τ on normalised outputs, no logit scale; fp32 inputs (see forward)
+        self.infonce = InfoNCE(
+            normalize=True, logit_scale="none", temperature=temperature, cross_rank=cross_rank
+        )
         self.rs_kwargs = dict(
             levels=levels,
             weighting=weighting,
@@ -233,15 +231,15 @@ class StructureLoss(nn.Module):
         return float(self.lambda_structure) * min(1.0, float(step) / self.warmup_steps)
 
     def forward(self, out: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        img, txt = self.gather_fn(out["image_features"]), self.gather_fn(out["text_features"])
-        loss_c = infonce_loss(img, txt, self.temperature)
+        a_img, a_txt = out["image_features"], out["text_features"]
+        # τ = 0.05 logits are precision-sensitive: InfoNCE in fp32 with autocast off, like R_S
+        with torch.autocast(device_type=a_img.device.type, enabled=False):
+            loss_c = self.infonce({"image_features": a_img.float(), "text_features": a_txt.float()})["loss"]
         lam = self.current_lambda(out.get("step"))
 
         x_img, x_txt = out["image_inputs"], out["text_inputs"]
-        a_img, a_txt = out["image_features"], out["text_features"]
         if self.gather_structure:
-            x_img, x_txt = self.gather_fn(x_img), self.gather_fn(x_txt)
-            a_img, a_txt = img, txt
+            x_img, x_txt, a_img, a_txt = (all_gather_with_grad(t) for t in (x_img, x_txt, a_img, a_txt))
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.use_structure):
             r_img = structure_regularizer(x_img, a_img, **self.rs_kwargs)
             r_txt = structure_regularizer(x_txt, a_txt, **self.rs_kwargs)

@@ -17,7 +17,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from alignkit.distributed import all_gather_with_grad
 from alignkit.schedulers import LRSchedule
 from alignkit.structure.model import (
     TOWERS_PREFIX,
@@ -144,15 +143,6 @@ class StructureModule(TrainingModule):
 
     # ----- setup -----
     def setup(self, stage: str) -> None:
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            from alignkit.losses.structure import StructureLoss, _identity
-
-            # Global negatives for InfoNCE (gather with gradient, local loss); R_S stays per rank unless
-            # loss.gather_structure=true.
-            for m in self.loss.modules():
-                if isinstance(m, StructureLoss) and m.gather_fn is _identity:
-                    m.gather_fn = all_gather_with_grad
         if stage == "fit" and self.head_init == "cca":
             self._init_heads_cca()  # a resumed run overwrites these with the checkpoint's heads afterwards
 
