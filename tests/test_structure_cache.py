@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,3 +177,50 @@ def test_fingerprint_and_encode_batches(tmp_path):
 
     out = list(encode_batches(Tower(), [torch.ones(2, 2)], [0, 2]))
     assert out[0][2].tolist() == [[3.0, 3.0], [3.0, 3.0]]
+
+
+def _concurrent_builder(root: str, sync_dir: str, first: bool, n_others: int) -> None:
+    """One 'rank' asking for the entry. The first one's build lasts until the others are asking too."""
+    import time
+
+    sync = Path(sync_dir)
+
+    def compute():
+        with open(sync / "computes.txt", "a") as f:
+            f.write(f"{os.getpid()}\n")
+        if first:
+            (sync / "started").touch()
+            deadline = time.time() + 60
+            while len(list(sync.glob("ready-*"))) < n_others and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)  # the others are now inside get_or_compute
+        return Encoder()()
+
+    if not first:
+        (sync / f"ready-{os.getpid()}").touch()
+    got = FeatureCache(root, progress=False).get_or_compute(_key(), compute, num_items=N)
+    np.testing.assert_array_equal(got[3][:, 0], -np.arange(N))
+
+
+def test_concurrent_processes_build_an_entry_once(tmp_path):
+    # Every rank of a multi-GPU STRUCTURE job prepares its features at start: the first builds, the others wait
+    # on the entry's lock and then read it (without the lock each of the 3 processes would encode the data).
+    import multiprocessing as mp
+    import time
+
+    ctx = mp.get_context("spawn")
+    root = str(tmp_path / "cache")
+    first = ctx.Process(target=_concurrent_builder, args=(root, str(tmp_path), True, 2))
+    first.start()
+    deadline = time.time() + 60
+    while not (tmp_path / "started").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "started").exists(), "the first builder never started computing"
+    others = [ctx.Process(target=_concurrent_builder, args=(root, str(tmp_path), False, 2)) for _ in range(2)]
+    for p in others:
+        p.start()
+    for p in [first, *others]:
+        p.join(120)
+        assert p.exitcode == 0
+    assert (tmp_path / "computes.txt").read_text().splitlines() == [str(first.pid)]
+    assert len([d for d in (tmp_path / "cache").iterdir() if not d.name.startswith(".")]) == 1

@@ -7,6 +7,11 @@ per layer (``numpy.lib.format.open_memmap``, shape (num_items, D_l)), an optiona
 marker. Entries are written in a temp directory and renamed into place at the end, so an interrupted run never
 leaves something that looks complete; an entry whose files are missing or whose size/shape disagrees with the
 manifest is rebuilt, never read.
+
+Several processes asking for the same missing entry at once (every rank of a multi-GPU job starts by preparing
+its features) build it once: the builder holds an exclusive ``flock`` on ``root/.lock-<key>``, the others wait
+on it and then read the finished entry. A builder that dies releases its lock, and the next waiter builds.
+On a shared filesystem this needs working ``flock`` (NFS v4, Lustre mounted with ``-o flock``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,6 +245,33 @@ class FeatureCache:
             return hit
         self._check_writable()  # before any encoding
         key = cache_key(key_parts)
+        with self._build_lock(key):
+            hit = self.load(key_parts)  # built by another process (another rank) while this one waited
+            if hit is not None:
+                log.info("feature cache entry built by another process: %s", hit.path)
+                return hit
+            return self._build(key, key_parts, compute_fn, num_items, index, total_batches, desc)
+
+    @contextmanager
+    def _build_lock(self, key: str) -> Iterator[None]:
+        """Exclusive per-entry lock across processes (no-op where ``fcntl`` does not exist)."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: concurrent builds still end in one consistent entry (atomic rename)
+            yield
+            return
+        with open(self.root / f".lock-{key[:32]}", "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("feature cache entry %s is being built by another process; waiting for it", key[:16])
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _build(self, key, key_parts, compute_fn, num_items, index, total_batches, desc) -> CachedFeatures:
         tmp = self.root / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
