@@ -10,6 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 
+try:
+    import torch.distributed._functional_collectives as _fc
+except ImportError:  # torch builds without distributed support
+    _fc = None
+
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -33,6 +38,10 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_dist() or world_size() == 1:
         return x
+    if _fc is not None and hasattr(_fc, "all_gather_single"):
+        # torch >= 2.10: the functional collective has autograd (backward: reduce-scatter with sum), and
+        # torch.distributed.nn.functional.all_gather is deprecated in its favour
+        return _fc.all_gather_single(x.contiguous(), 0, dist.group.WORLD)
     return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
 
 
