@@ -91,6 +91,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     if ckpt is not None:
         cluster.check_checkpoint_compatible(ckpt, module, cfg)
+    handovers = [c for c in trainer.callbacks if hasattr(c, "hand_over")]
+    for c in handovers:
+        c.defer_handover = True  # submitit's requeue handler exits: call it after the summary is written
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     preempted = any(getattr(c, "preempted", False) for c in trainer.callbacks)
 
@@ -104,6 +107,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if preempted:  # last.ckpt is written; the requeued job resumes it (no export of a half-trained model)
         save_run_files(cfg, run_dir, summary)
+        for c in handovers:
+            c.hand_over()  # submitit path: requeue and exit here
         return summary
     if cfg.get("export") and trainer.is_global_zero:
         # Modules with their own format (frozen towers) export themselves; open_clip students take the same path

@@ -106,3 +106,48 @@ def test_trainer_preset_disagreeing_with_slurm_fails_naming_the_value(monkeypatc
     assert "set trainer.num_nodes=2" in str(e.value)
     cfg = compose_train(["+experiment=smoke", "trainer=ddp"])
     assert cfg.trainer.devices == 2 and cfg.trainer.num_nodes == 2  # read from the allocation
+
+
+def test_submitit_handler_is_called_once_after_the_run_has_wound_down(tmp_path):
+    # Under Hydra's submitit launcher SIGUSR2 belongs to submitit, whose handler requeues and exits the process.
+    # alignkit saves at the batch boundary, lets every callback finish that batch and writes the run summary,
+    # and only then calls that handler.
+    import signal
+
+    run = tmp_path / "run"
+    calls = []
+
+    def submitit_like(signum, frame):
+        calls.append(
+            {
+                "signum": signum,
+                "summary": (run / "summary.json").is_file(),
+                "keys": len((run / "keys_rank0.jsonl").read_text().splitlines()),
+            }
+        )
+        raise SystemExit(-1)  # what submitit's checkpoint_and_try_requeue ends with
+
+    previous = signal.signal(signal.SIGUSR2, submitit_like)
+    try:
+        cfg = compose_train(
+            [
+                "+experiment=smoke",
+                "trainer.max_steps=8",
+                "callbacks.checkpoint.every_n_train_steps=1000",
+                "+callbacks.keys._target_=run_helpers.RecordKeys",
+                f"+callbacks.keys.dirpath={run}",
+                "+callbacks.kill._target_=run_helpers.SignalAtStep",
+                "+callbacks.kill.step=3",
+                "+callbacks.kill.sig=SIGUSR2",
+            ],
+            run,
+        )
+        with pytest.raises(SystemExit):
+            train(cfg)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    # the signalled batch (step 3 -> 4) finished with every callback, then the summary, then the hand-over
+    assert calls == [{"signum": signal.SIGUSR2, "summary": True, "keys": 4}]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["preempted"] and summary["global_step"] == 4
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 4

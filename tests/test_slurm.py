@@ -195,3 +195,80 @@ def test_signalled_job_requeues_and_finishes_like_an_uninterrupted_one(slurm, tm
     got = [json.loads(x)["keys"] for x in keys.read_text().splitlines()]
     want = [json.loads(x)["keys"] for x in (tmp_path / "ref/keys/keys_rank0.jsonl").read_text().splitlines()]
     assert got == want  # same batches in the same order, none repeated after the requeue
+
+
+def test_submitit_job_signalled_with_usr2_is_requeued_by_submitit_and_resumes(slurm, tmp_path):
+    # The sweep path: Hydra's submitit launcher owns the requeue. SIGUSR2 (what submitit asks SLURM to send
+    # signal_delay_s before the limit) -> PreemptionCheckpoint writes last.ckpt at the batch boundary -> submitit's
+    # handler dumps the job and runs scontrol requeue -> the same array task resumes in its run directory.
+    common = [
+        *SMOKE,
+        "hydra/launcher=slurm_cpu",
+        "data.num_samples=96",
+        "data.batch_size=4",
+        "epochs=1",  # 24 steps
+        "trainer.deterministic=true",
+        "callbacks.checkpoint.every_n_train_steps=1000",
+        "+callbacks.slow._target_=run_helpers.Sleep",
+        "+callbacks.slow.seconds=0.4",
+        "optimizer.lr=1e-3",  # a one-point sweep: one job
+    ]
+
+    def launch(name: str) -> subprocess.Popen:
+        d = tmp_path / name
+        cmd = [
+            sys.executable,
+            "train.py",
+            "-m",
+            *common,
+            f"paths.log_dir={d}",
+            "+callbacks.keys._target_=run_helpers.RecordKeys",
+            f"+callbacks.keys.dirpath={d}/keys",
+        ]
+        out = (tmp_path / f"{name}.launcher.log").open("w")
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=_env(tmp_path))
+
+    def launcher_log(name: str, tail: int = 3000) -> str:
+        submitit_logs = "\n".join(p.read_text()[-tail:] for p in (tmp_path / name).rglob("*_log.*"))
+        return (tmp_path / f"{name}.launcher.log").read_text()[-tail:] + "\n" + submitit_logs
+
+    ref, sig = launch("ref"), launch("signalled")
+    keys = tmp_path / "signalled" / "keys" / "keys_rank0.jsonl"
+    end = time.monotonic() + 300
+    while time.monotonic() < end and (not keys.exists() or len(keys.read_text().splitlines()) < 6):
+        assert sig.poll() is None, launcher_log("signalled")
+        time.sleep(0.5)
+    assert keys.exists(), launcher_log("signalled")
+    job_dirs = [
+        p for p in (tmp_path / "signalled").rglob(".submitit/*") if re.fullmatch(r"\d+(_\d+)?", p.name)
+    ]
+    assert len(job_dirs) == 1, job_dirs
+    job = job_dirs[0].name  # <array job>_<task>, or the job id of a one-point sweep
+    subprocess.run(["scancel", "-s", "USR2", job], check=True)
+    for name, proc in (("signalled", sig), ("ref", ref)):
+        try:
+            rc = proc.wait(timeout=480)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"{name} sweep did not finish:\n{launcher_log(name)}")
+        assert rc == 0, launcher_log(name)
+
+    runs = {n: next((tmp_path / n / "smoke" / "multiruns").iterdir()) / "0" for n in ("ref", "signalled")}
+    summary = json.loads((runs["signalled"] / "summary.json").read_text())
+    assert summary["global_step"] == 24, summary
+    assert summary["resumed_from"] == str(runs["signalled"] / "checkpoints" / "last.ckpt"), summary
+    assert (
+        "Restarts=1"
+        in subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    ), launcher_log("signalled")
+    whole = launcher_log("signalled", tail=0)
+    assert re.search(rf"Requeued job {job}\b", whole), whole[-3000:]  # by submitit, not by alignkit
+
+    from safetensors.torch import load_file
+
+    a = load_file(runs["ref"] / "model.safetensors")
+    b = load_file(runs["signalled"] / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "requeued run ended with different weights"
+    got = [json.loads(x)["keys"] for x in keys.read_text().splitlines()]
+    want = [json.loads(x)["keys"] for x in (tmp_path / "ref/keys/keys_rank0.jsonl").read_text().splitlines()]
+    assert got == want  # same batches in the same order, none repeated after the requeue

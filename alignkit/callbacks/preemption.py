@@ -11,7 +11,10 @@ Requeue has exactly one owner (see docs/distributed.md):
   ``#SBATCH --signal=USR1@N`` or ``scancel -s USR1``). Lightning's own SLURM auto-requeue is switched off
   (:func:`alignkit.cluster.trainer_plugins`), and this callback refuses to start if it is on.
 * Hydra's submitit launcher: submitit owns the requeue (its SIGUSR2 handler). This callback intercepts SIGUSR2,
-  saves at the batch boundary, then calls submitit's handler, which resubmits the job and exits.
+  saves at the batch boundary and stops training; once the run has wound down (every callback's hooks for that
+  batch, loggers finalised, the run summary written) it calls submitit's handler, which dumps the job, runs
+  ``scontrol requeue`` and exits the process. ``alignkit.train`` makes that call itself after writing the
+  summary (:meth:`PreemptionCheckpoint.hand_over`); elsewhere it happens in this callback's ``teardown``.
 * SIGTERM (scancel, the scheduler's own preemption, the end of the time limit) only saves: a user's ``scancel``
   must not come back, and a scheduler that preempts with requeue brings the job back by itself.
 
@@ -76,6 +79,8 @@ class PreemptionCheckpoint(Callback):
         self._original: dict[int, Any] = {}  # kept after teardown (see setup)
         self._pid = os.getpid()
         self._rng_to_restore: list | None = None
+        self._pending: tuple[Any, int] | None = None  # (submitit's handler, signal) once preempted
+        self.defer_handover = False  # True: the caller runs hand_over() after fit (alignkit.train does)
 
     # ----- signals -----
     def _handler(self, signum: int, frame: Any) -> None:
@@ -116,6 +121,21 @@ class PreemptionCheckpoint(Callback):
                 if signal.getsignal(s) == self._handler and h is not None:
                     signal.signal(s, h)
         self._previous = {}
+        if not self.defer_handover:
+            self.hand_over()
+
+    def hand_over(self) -> None:
+        """Call the requeue owner's handler (submitit's: requeue + ``sys.exit``) if preemption chose to chain.
+
+        Deferred to the end of the run, not called at the batch boundary: submitit's handler exits the process,
+        which in the middle of a batch's hooks would skip the remaining callbacks (their record of that step,
+        logger flushes) and leave other ranks in Lightning's teardown without rank 0."""
+        if self._pending is None:
+            return
+        previous, signum = self._pending
+        self._pending = None
+        log.warning("handing over to the previous %s handler (submitit's requeue)", signal.Signals(signum).name)
+        previous(signum, None)  # submitit: checkpoint() + scontrol requeue + sys.exit on rank 0
 
     # ----- the batch boundary -----
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -158,10 +178,7 @@ class PreemptionCheckpoint(Callback):
                 raise RuntimeError(
                     f"requeue=chain but no handler was installed for {signal.Signals(signum).name}"
                 )
-            log.warning(
-                "handing over to the previous %s handler (submitit's requeue)", signal.Signals(signum).name
-            )
-            previous(signum, None)  # submitit: checkpoint() + scontrol requeue + sys.exit on rank 0
+            self._pending = (previous, signum)  # called once the run has wound down (hand_over)
         elif mode == "scontrol" and trainer.is_global_zero:
             job = slurm_job_id()
             if job is None or not re.fullmatch(r"[0-9_]+", job):
