@@ -134,7 +134,9 @@ class PreemptionCheckpoint(Callback):
             return
         previous, signum = self._pending
         self._pending = None
-        log.warning("handing over to the previous %s handler (submitit's requeue)", signal.Signals(signum).name)
+        log.warning(
+            "handing over to the previous %s handler (submitit's requeue)", signal.Signals(signum).name
+        )
         previous(signum, None)  # submitit: checkpoint() + scontrol requeue + sys.exit on rank 0
 
     # ----- the batch boundary -----
