@@ -54,15 +54,31 @@ class LoadedModel:
     description: str
 
 
+def _aligned(model_and_io: tuple, step: int, what: str) -> LoadedModel:
+    model, tokenizer, preprocess = model_and_io
+    layers = f"layers {model.image_layer}/{model.text_layer}"
+    return LoadedModel(model, tokenizer, preprocess, step, f"frozen towers + heads ({layers}) from {what}")
+
+
 def _from_checkpoint(src: str, name: str | None, precision: str) -> LoadedModel:
+    from alignkit.structure.model import FORMAT, aligned_from_spec, load_aligned
+
+    if Path(src, "model.json").is_file() and not Path(src, "checkpoints").is_dir():
+        return _aligned(load_aligned(src), 0, src)  # an export directory of a frozen-encoder run
     path = resolve_checkpoint(src)
     ckpt = load_checkpoint(path)
     section = ckpt.get("alignkit") if isinstance(ckpt.get("alignkit"), dict) else {}
+    step = int(ckpt.get("global_step", 0))
+    if section.get("format") == FORMAT:  # a frozen-encoder (STRUCTURE) run: towers from their specs + heads
+        if name:
+            raise ValueError(f"{path}: model.name applies to open_clip students, not to a frozen-encoder run")
+        heads = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        return _aligned(aligned_from_spec(section, heads, source=str(path)), step, f"{path} (step {step})")
     spec = dict(section.get("encoder") or {})
     if spec.get("kind", "open_clip") != "open_clip":
         raise ValueError(
-            f"{path}: the student is a {spec.get('kind')!r} model; eval.py rebuilds open_clip students from "
-            f"checkpoints. Evaluate such runs with the training callback (evalsets=...)."
+            f"{path}: the student is a {spec.get('kind')!r} model, which eval.py cannot rebuild; evaluate the run "
+            f"with the training callback (evalsets=...)."
         )
     arch = name or find_architecture(ckpt)
     if arch is None:
@@ -91,7 +107,6 @@ def _from_checkpoint(src: str, name: str | None, precision: str) -> LoadedModel:
             f"{path}: weights do not fit open_clip {arch!r}: missing {result.missing_keys[:5]}, unexpected "
             f"{result.unexpected_keys[:5]}. Pass the right model.name=ARCH."
         )
-    step = int(ckpt.get("global_step", 0))
     return LoadedModel(
         model, open_clip.get_tokenizer(arch), preprocess, step, f"{arch} from {path} (step {step})"
     )
@@ -105,8 +120,9 @@ def load_model(
     force_quick_gelu: bool = False,
     cache_dir: str | None = None,
 ) -> LoadedModel:
-    """A training run's student (``ckpt``: run directory or ``.ckpt``; ``name`` overrides the recorded
-    architecture) or an open_clip model (``name`` + ``pretrained`` tag / local file / None)."""
+    """A training run's model (``ckpt``: run directory or ``.ckpt``; ``name`` overrides the recorded open_clip
+    architecture; a frozen-encoder run's towers are rebuilt from their specs, as is an ``alignkit`` export
+    directory with ``model.json``) or an open_clip model (``name`` + ``pretrained`` tag / local file / None)."""
     if ckpt:
         if pretrained:
             raise ValueError("pass either model.ckpt or model.pretrained, not both")

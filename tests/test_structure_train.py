@@ -280,3 +280,21 @@ def test_each_unique_item_encoded_once_and_all_layer_entry_reused(
         and sorted(p.name for p in (tmp_path / "cache" / "features").iterdir()) == entries
     )
     assert found["image_layer"] == enc.vision.num_layers - 1
+
+
+def test_eval_py_rebuilds_the_run_from_its_checkpoint_and_from_its_export(tmp_path, shards, tiny_text_dir):
+    # eval.py on a frozen-encoder run: towers rebuilt from the recorded specs, heads from the checkpoint (or from
+    # the exported model/ directory); the numbers equal the training callback's evaluation of the live module.
+    from alignkit.eval_entry import evaluate
+
+    summary = train(tiny_cfg(tmp_path, shards, tiny_text_dir, "evalsets=synthetic"))
+    run = tmp_path / "run"
+    final = json.loads((run / "metrics.json").read_text())[str(summary["global_step"])]
+    assert any(k.startswith("val/zs/") for k in final) and any(k.startswith("val/ret/") for k in final)
+    for src in (run, run / "model"):
+        out = tmp_path / f"eval_{src.name}"
+        result = evaluate(compose_train([f"model.ckpt={src}", "evalsets=synthetic"], out, config_name="eval"))
+        assert set(result["metrics"]) == set(final)
+        for k, v in final.items():
+            assert result["metrics"][k] == pytest.approx(v, abs=1e-5), (src, k)
+    assert result["step"] == 0 and "frozen towers + heads" in (out / "report.md").read_text()

@@ -152,8 +152,20 @@ def load_aligned(path: str | Path, towers: FrozenTowers | None = None) -> tuple[
     p = Path(path)
     spec_file = p / "model.json" if p.is_dir() else p
     spec = json.loads(spec_file.read_text())
+    heads = load_file(str(spec_file.parent / "model.safetensors"))
+    return aligned_from_spec(spec, heads, towers, source=str(spec_file.parent))
+
+
+def aligned_from_spec(
+    spec: dict[str, Any],
+    heads: dict[str, Tensor],
+    towers: FrozenTowers | None = None,
+    source: str = "",
+) -> tuple[AlignedDualEncoder, Any, Any]:
+    """(model, tokenizer, eval preprocess) from a spec (``model.json``, or a training checkpoint's
+    ``checkpoint["alignkit"]``) and the trained weights (heads and logit scale, no tower weights)."""
     if spec.get("format") != FORMAT:
-        raise ValueError(f"{spec_file}: format {spec.get('format')!r} is not {FORMAT!r}")
+        raise ValueError(f"{source}: format {spec.get('format')!r} is not {FORMAT!r}")
     if towers is None:
         t = spec["towers"]
         towers = FrozenTowers(
@@ -168,14 +180,10 @@ def load_aligned(path: str | Path, towers: FrozenTowers | None = None) -> tuple[
         spec["temperature"],
         {"image": spec["image_head"], "text": spec["text_head"]},
     )
-    missing, unexpected = model.load_state_dict(
-        load_file(str(spec_file.parent / "model.safetensors")), strict=False
-    )
+    missing, unexpected = model.load_state_dict(heads, strict=False)
     bad = [k for k in missing if not k.startswith(TOWERS_PREFIX)]
     if bad or unexpected:
-        raise ValueError(
-            f"{spec_file.parent}: head weights do not fit (missing {bad}, unexpected {unexpected})"
-        )
+        raise ValueError(f"{source}: head weights do not fit (missing {bad}, unexpected {unexpected})")
     return model.eval(), towers.tokenizer, towers.preprocess_val
 
 
