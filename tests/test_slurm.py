@@ -89,6 +89,44 @@ def _log(tmp_path: Path, job: str) -> str:
 
 
 SMOKE = ["+experiment=smoke", "export=true", "trainer.log_every_n_steps=1"]
+# A deterministic 24-step run slowed to ~0.4 s a step, so that a test can signal it mid-epoch.
+SLOW_RUN = [
+    *SMOKE,
+    "data.num_samples=96",
+    "data.batch_size=4",
+    "epochs=1",  # 24 steps
+    "trainer.deterministic=true",
+    "callbacks.checkpoint.every_n_train_steps=1000",
+    "+callbacks.slow._target_=run_helpers.Sleep",
+    "+callbacks.slow.seconds=0.4",
+]
+
+
+def _keys_file(log_dir: Path) -> list[str]:
+    return ["+callbacks.keys._target_=run_helpers.RecordKeys", f"+callbacks.keys.dirpath={log_dir}/keys"]
+
+
+def _wait_for_steps(log_dir: Path, n: int, why) -> None:
+    """Until the run under ``log_dir`` has recorded ``n`` trained batches (``why()`` explains a failure)."""
+    keys = log_dir / "keys" / "keys_rank0.jsonl"
+    end = time.monotonic() + 300
+    while time.monotonic() < end and (not keys.exists() or len(keys.read_text().splitlines()) < n):
+        time.sleep(0.5)
+    assert keys.exists() and len(keys.read_text().splitlines()) >= n, why()
+
+
+def _assert_trained_alike(ref: tuple[Path, Path], run: tuple[Path, Path]) -> None:
+    """(log dir, run dir) of an uninterrupted and a signalled + requeued run: same final weights, same batches in
+    the same order (none repeated after the requeue)."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(ref[1] / "model.safetensors"), load_file(run[1] / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "requeued run ended with different weights"
+
+    def keys(log_dir: Path) -> list:
+        return [json.loads(x)["keys"] for x in (log_dir / "keys/keys_rank0.jsonl").read_text().splitlines()]
+
+    assert keys(run[0]) == keys(ref[0])
 
 
 def test_three_point_sweep_through_the_submitit_launcher(slurm, tmp_path):
@@ -146,36 +184,13 @@ def test_sbatch_two_tasks_ddp_smoke(slurm, tmp_path):
 
 
 def test_signalled_job_requeues_and_finishes_like_an_uninterrupted_one(slurm, tmp_path):
-    common = [
-        *SMOKE,
-        "data.num_samples=96",
-        "data.batch_size=4",
-        "epochs=1",  # 24 steps
-        "trainer.deterministic=true",
-        "callbacks.checkpoint.every_n_train_steps=1000",
-        "+callbacks.slow._target_=run_helpers.Sleep",
-        "+callbacks.slow.seconds=0.4",
-    ]
-
     def submit(name: str) -> str:
         d = tmp_path / name
-        return _sbatch(
-            tmp_path,
-            ["--ntasks-per-node=1", "--cpus-per-task=1", f"--job-name={name}"],
-            [
-                *common,
-                f"paths.log_dir={d}",
-                "+callbacks.keys._target_=run_helpers.RecordKeys",
-                f"+callbacks.keys.dirpath={d}/keys",
-            ],
-        )
+        args = ["--ntasks-per-node=1", "--cpus-per-task=1", f"--job-name={name}"]
+        return _sbatch(tmp_path, args, [*SLOW_RUN, f"paths.log_dir={d}", *_keys_file(d)])
 
     ref, job = submit("ref"), submit("signalled")
-    keys = tmp_path / "signalled" / "keys" / "keys_rank0.jsonl"
-    end = time.monotonic() + 300
-    while time.monotonic() < end and (not keys.exists() or len(keys.read_text().splitlines()) < 6):
-        time.sleep(0.5)
-    assert keys.exists(), _log(tmp_path, job)
+    _wait_for_steps(tmp_path / "signalled", 6, lambda: _log(tmp_path, job))
     subprocess.run(["scancel", "-s", "USR1", job], check=True)  # what --signal=USR1@N does before the limit
     assert _wait(job, tmp_path) == "COMPLETED", _log(tmp_path, job)
     assert _wait(ref, tmp_path) == "COMPLETED", _log(tmp_path, ref)
@@ -186,45 +201,18 @@ def test_signalled_job_requeues_and_finishes_like_an_uninterrupted_one(slurm, tm
     run = tmp_path / "signalled" / "smoke" / "runs" / job
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_from"] == str(run / "checkpoints" / "last.ckpt") and summary["global_step"] == 24
-
-    from safetensors.torch import load_file
-
-    a = load_file(tmp_path / "ref" / "smoke" / "runs" / ref / "model.safetensors")
-    b = load_file(run / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a), "requeued run ended with different weights"
-    got = [json.loads(x)["keys"] for x in keys.read_text().splitlines()]
-    want = [json.loads(x)["keys"] for x in (tmp_path / "ref/keys/keys_rank0.jsonl").read_text().splitlines()]
-    assert got == want  # same batches in the same order, none repeated after the requeue
+    ref_run = tmp_path / "ref" / "smoke" / "runs" / ref
+    _assert_trained_alike((tmp_path / "ref", ref_run), (tmp_path / "signalled", run))
 
 
 def test_submitit_job_signalled_with_usr2_is_requeued_by_submitit_and_resumes(slurm, tmp_path):
     # The sweep path: Hydra's submitit launcher owns the requeue. SIGUSR2 (what submitit asks SLURM to send
     # signal_delay_s before the limit) -> PreemptionCheckpoint writes last.ckpt at the batch boundary -> submitit's
     # handler dumps the job and runs scontrol requeue -> the same array task resumes in its run directory.
-    common = [
-        *SMOKE,
-        "hydra/launcher=slurm_cpu",
-        "data.num_samples=96",
-        "data.batch_size=4",
-        "epochs=1",  # 24 steps
-        "trainer.deterministic=true",
-        "callbacks.checkpoint.every_n_train_steps=1000",
-        "+callbacks.slow._target_=run_helpers.Sleep",
-        "+callbacks.slow.seconds=0.4",
-        "optimizer.lr=1e-3",  # a one-point sweep: one job
-    ]
-
     def launch(name: str) -> subprocess.Popen:
         d = tmp_path / name
-        cmd = [
-            sys.executable,
-            "train.py",
-            "-m",
-            *common,
-            f"paths.log_dir={d}",
-            "+callbacks.keys._target_=run_helpers.RecordKeys",
-            f"+callbacks.keys.dirpath={d}/keys",
-        ]
+        cmd = [sys.executable, "train.py", "-m", *SLOW_RUN, "hydra/launcher=slurm_cpu", f"paths.log_dir={d}"]
+        cmd += [*_keys_file(d), "optimizer.lr=1e-3"]  # a one-point sweep: one job
         out = (tmp_path / f"{name}.launcher.log").open("w")
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=_env(tmp_path))
 
@@ -233,12 +221,7 @@ def test_submitit_job_signalled_with_usr2_is_requeued_by_submitit_and_resumes(sl
         return (tmp_path / f"{name}.launcher.log").read_text()[-tail:] + "\n" + submitit_logs
 
     ref, sig = launch("ref"), launch("signalled")
-    keys = tmp_path / "signalled" / "keys" / "keys_rank0.jsonl"
-    end = time.monotonic() + 300
-    while time.monotonic() < end and (not keys.exists() or len(keys.read_text().splitlines()) < 6):
-        assert sig.poll() is None, launcher_log("signalled")
-        time.sleep(0.5)
-    assert keys.exists(), launcher_log("signalled")
+    _wait_for_steps(tmp_path / "signalled", 6, lambda: launcher_log("signalled"))
     job_dirs = [
         p for p in (tmp_path / "signalled").rglob(".submitit/*") if re.fullmatch(r"\d+(_\d+)?", p.name)
     ]
@@ -263,12 +246,4 @@ def test_submitit_job_signalled_with_usr2_is_requeued_by_submitit_and_resumes(sl
     ), launcher_log("signalled")
     whole = launcher_log("signalled", tail=0)
     assert re.search(rf"Requeued job {job}\b", whole), whole[-3000:]  # by submitit, not by alignkit
-
-    from safetensors.torch import load_file
-
-    a = load_file(runs["ref"] / "model.safetensors")
-    b = load_file(runs["signalled"] / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a), "requeued run ended with different weights"
-    got = [json.loads(x)["keys"] for x in keys.read_text().splitlines()]
-    want = [json.loads(x)["keys"] for x in (tmp_path / "ref/keys/keys_rank0.jsonl").read_text().splitlines()]
-    assert got == want  # same batches in the same order, none repeated after the requeue
+    _assert_trained_alike((tmp_path / "ref", runs["ref"]), (tmp_path / "signalled", runs["signalled"]))
