@@ -157,8 +157,11 @@ def main() -> None:
         oc_wds = True
     except RuntimeError as err:
         oc_wds = False
-        last = [ln for ln in str(err).splitlines() if ln.strip()][-1]
-        print(f"   open_clip_train cannot read webdataset shards here ({last.strip()}); it runs on the TSV")
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        errors = [ln for ln in lines if re.match(r"\w*(Error|Exception)\b", ln)]  # not torch's log lines
+        print(
+            f"   open_clip_train cannot read webdataset shards here ({(errors or lines)[-1]}); it runs on the TSV"
+        )
     runs = {
         "alignkit webdataset": lambda d: run_alignkit(args, tmp / "shards", d),
         "alignkit csv": lambda d: run_alignkit(args, tmp / "shards", d, tsv=tsv),
