@@ -221,20 +221,25 @@ def test_submitit_job_signalled_with_usr2_is_requeued_by_submitit_and_resumes(sl
         return (tmp_path / f"{name}.launcher.log").read_text()[-tail:] + "\n" + submitit_logs
 
     ref, sig = launch("ref"), launch("signalled")
-    _wait_for_steps(tmp_path / "signalled", 6, lambda: launcher_log("signalled"))
-    job_dirs = [
-        p for p in (tmp_path / "signalled").rglob(".submitit/*") if re.fullmatch(r"\d+(_\d+)?", p.name)
-    ]
-    assert len(job_dirs) == 1, job_dirs
-    job = job_dirs[0].name  # <array job>_<task>, or the job id of a one-point sweep
-    subprocess.run(["scancel", "-s", "USR2", job], check=True)
-    for name, proc in (("signalled", sig), ("ref", ref)):
-        try:
-            rc = proc.wait(timeout=480)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            pytest.fail(f"{name} sweep did not finish:\n{launcher_log(name)}")
-        assert rc == 0, launcher_log(name)
+    try:
+        _wait_for_steps(tmp_path / "signalled", 6, lambda: launcher_log("signalled"))
+        job_dirs = [
+            p for p in (tmp_path / "signalled").rglob(".submitit/*") if re.fullmatch(r"\d+(_\d+)?", p.name)
+        ]
+        assert len(job_dirs) == 1, job_dirs
+        job = job_dirs[0].name  # <array job>_<task>, or the job id of a one-point sweep
+        subprocess.run(["scancel", "-s", "USR2", job], check=True)
+        for name, proc in (("signalled", sig), ("ref", ref)):
+            try:
+                rc = proc.wait(timeout=480)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{name} sweep did not finish:\n{launcher_log(name)}")
+            assert rc == 0, launcher_log(name)
+    finally:  # a failed check must not leave the launchers waiting on jobs of a cluster that is going down
+        for proc in (ref, sig):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
     runs = {n: next((tmp_path / n / "smoke" / "multiruns").iterdir()) / "0" for n in ("ref", "signalled")}
     summary = json.loads((runs["signalled"] / "summary.json").read_text())
