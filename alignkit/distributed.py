@@ -11,9 +11,11 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 
 try:
-    import torch.distributed._functional_collectives as _fc
-except ImportError:  # torch builds without distributed support
-    _fc = None
+    # torch >= 2.10: a functional all-gather with autograd (backward: reduce-scatter with sum);
+    # torch.distributed.nn.functional.all_gather is deprecated in its favour
+    from torch.distributed._functional_collectives import all_gather_single as _all_gather_single
+except ImportError:  # older torch, or a build without distributed support
+    _all_gather_single = None
 
 
 def is_dist() -> bool:
@@ -38,10 +40,8 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_dist() or world_size() == 1:
         return x
-    if _fc is not None and hasattr(_fc, "all_gather_single"):
-        # torch >= 2.10: the functional collective has autograd (backward: reduce-scatter with sum), and
-        # torch.distributed.nn.functional.all_gather is deprecated in its favour
-        return _fc.all_gather_single(x.contiguous(), 0, dist.group.WORLD)
+    if _all_gather_single is not None:
+        return _all_gather_single(x.contiguous(), 0, dist.group.WORLD)
     return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
 
 

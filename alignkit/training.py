@@ -74,14 +74,12 @@ class TrainingModule(L.LightningModule):
         and a checkpoint ``monitor`` reads the value of the last logged step."""
         if not self._logs_this_step():
             return False
-        scalars = {"train/loss": terms["loss"].detach()}
-        scalars.update(
-            {
-                f"train/{k}": v.detach().float()
-                for k, v in terms.items()
-                if k != "loss" and torch.is_tensor(v) and v.ndim == 0
-            }
-        )
+        self.log("train/loss", terms["loss"].detach(), prog_bar=True, batch_size=batch_size)
+        scalars = {
+            f"train/{k}": v.detach().float()
+            for k, v in terms.items()
+            if k != "loss" and torch.is_tensor(v) and v.ndim == 0
+        }
         scalars["train/modality_gap"] = batch_modality_gap(
             out["image_features"].detach(), out["text_features"].detach()
         )
@@ -91,6 +89,5 @@ class TrainingModule(L.LightningModule):
         scalars["data/batch_global"] = float(
             batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
         )
-        self.log("train/loss", scalars.pop("train/loss"), prog_bar=True, batch_size=batch_size)
         self.log_dict(scalars, prog_bar=False, batch_size=batch_size)
         return True

@@ -113,10 +113,12 @@ def test_build_and_read_openclipart(tmp_path):
     assert isinstance(s, RetrievalSet) and len(s.images) == len(s.captions) == 6
     members = (root / "members.txt").read_text().split()
     assert len(members) == 6 and all((OPENCLIPART / m).is_file() for m in members)
+    clipart_captions = _builder().clipart_captions  # its rule is checked on worked examples below
     for caps, member in zip(s.captions, members):
-        assert 1 <= len(caps) <= 2 and caps[0].startswith("clip art of ")
+        # each image's captions read back exactly as the rule makes them from its path, in order
+        assert caps == clipart_captions(Path(member)) and len(caps) in (1, 2)
         stem_words = [w for w in Path(member).stem.replace("-", "_").split("_") if w and not w.isdigit()]
-        assert stem_words[0].lower() in caps[0]
+        assert caps[0] == f"clip art of {' '.join(stem_words).lower()}."
     assert max(max(im.size) for im in s.images) <= 256
     assert (root / "dataset_type.txt").read_text().strip() == "retrieval"
 

@@ -32,6 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.lib.format import open_memmap
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: concurrent builds still end in one consistent entry (atomic rename)
+    fcntl = None
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -255,9 +260,7 @@ class FeatureCache:
     @contextmanager
     def _build_lock(self, key: str) -> Iterator[None]:
         """Exclusive per-entry lock across processes (no-op where ``fcntl`` does not exist)."""
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: concurrent builds still end in one consistent entry (atomic rename)
+        if fcntl is None:
             yield
             return
         with open(self.root / f".lock-{key[:32]}", "a+") as fh:
