@@ -1,6 +1,6 @@
 """python train.py +experiment=NAME [overrides]  (same as the `alignkit train` console script)."""
 
-from alignkit.train import main
+from alignkit.run.train import main
 
 if __name__ == "__main__":
     main()

@@ -21,13 +21,13 @@ def main(argv: list[str] | None = None) -> None:
     if cmd in ("train", "eval"):
         # Hydra reads sys.argv; give it the overrides only.
         if cmd == "train":
-            from alignkit.train import main as entry
+            from alignkit.run.train import main as entry
         else:
-            from alignkit.eval_entry import main as entry
+            from alignkit.eval.entry import main as entry
         sys.argv = [f"{sys.argv[0]} {cmd}", *rest]
         entry()
     elif cmd == "export":
-        from alignkit.export import main as export_main
+        from alignkit.run.export import main as export_main
 
         export_main(rest)
     else:

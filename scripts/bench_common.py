@@ -98,7 +98,7 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
     from omegaconf import open_dict
 
-    from alignkit.train import CONFIG_DIR
+    from alignkit.run.train import CONFIG_DIR
 
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
         cfg = hcompose(config_name="train", overrides=overrides)
@@ -108,7 +108,7 @@ def compose(overrides: list[str]):
 
 
 def build_module(cfg):
-    """(encoder, module) exactly as ``alignkit.train.train`` builds them."""
+    """(encoder, module) exactly as ``alignkit.run.train.train`` builds them."""
     from hydra.utils import instantiate
 
     encoder = instantiate(cfg.encoder)
@@ -122,10 +122,10 @@ def build_module(cfg):
 
 
 def build_trainer(cfg, extra_callbacks: list | None = None, max_steps: int | None = None):
-    """The Lightning Trainer exactly as ``alignkit.train.train`` builds it (callbacks, loggers from the config)."""
+    """The Lightning Trainer exactly as ``alignkit.run.train.train`` builds it (callbacks, loggers from the config)."""
     from hydra.utils import instantiate
 
-    from alignkit.train import build_callbacks, build_loggers
+    from alignkit.run.train import build_callbacks, build_loggers
 
     trainer = instantiate(
         cfg.trainer,

@@ -5,7 +5,7 @@ the synthetic pairs with the model's own preprocessing and tokenizer), fp32, Ada
 (A, B, C, ... A, B, C, ...) so that load from other users of the machine hits them alike.
 
 * ``alignkit/<loss>``: a real Lightning Trainer with the AlignModule, built from the composed config exactly as
-  ``alignkit.train.train`` does (default callbacks: checkpointing, LR monitor, progress bar; CSV logger);
+  ``alignkit.run.train.train`` does (default callbacks: checkpointing, LR monitor, progress bar; CSV logger);
 * ``bare/<loss>``: a hand-written loop in this file: same model, same loss maths written out, AdamW, nothing else;
 * ``alignkit/clip_refine+cache``: the TeacherCache callback with every teacher embedding already in the cache
   (the state after ``scripts/precompute_teacher.py`` or an earlier run of a sweep);
@@ -34,8 +34,8 @@ from alignkit.callbacks.teacher_cache import TeacherCache
 from alignkit.data.samples import PairTransform
 from alignkit.data.synthetic import SyntheticShapes
 from alignkit.data.webdataset import collate_pairs
-from alignkit.teacher_cache import TeacherEmbeddingStore
-from alignkit.training import no_weight_decay
+from alignkit.features.teacher_store import TeacherEmbeddingStore
+from alignkit.modules.base import no_weight_decay
 
 VARIANTS = [
     "bare/contrastive",

@@ -23,8 +23,8 @@ import torch
 from alignkit.encoders.heads import LinearHead
 from alignkit.encoders.offline import efficientnet_lite0_tower, efficientnet_lite0_transform, load_minilm
 from alignkit.features.cache import FeatureCache, encode_batches, feature_key
+from alignkit.features.similarity import layer_similarity_matrix, mutual_knn
 from alignkit.losses.structure import StructureLoss, structure_regularizer
-from alignkit.metrics.similarity import layer_similarity_matrix, mutual_knn
 
 
 def rs_child(batch: int, levels: int) -> None:

@@ -18,8 +18,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from alignkit.callbacks.teacher_cache import fingerprint_for
-from alignkit.teacher_cache import TeacherEmbeddingStore, precompute
-from alignkit.train import CONFIG_DIR
+from alignkit.features.teacher_store import TeacherEmbeddingStore, precompute
+from alignkit.run.train import CONFIG_DIR
 
 log = logging.getLogger("precompute_teacher")
 

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from conftest import compose_train
 
-from alignkit.accumulation import cache_recompute_backward
 from alignkit.encoders.openclip import OpenCLIPEncoder
 from alignkit.losses import HybridDistillation, InfoNCE, RandomFeatureAlignment, WeightedLoss
-from alignkit.train import train
+from alignkit.modules.accumulation import cache_recompute_backward
+from alignkit.run.train import train
 
 
 def _loss():

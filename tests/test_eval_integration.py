@@ -19,9 +19,9 @@ from PIL import Image
 
 from alignkit.cli import main as cli_main
 from alignkit.data.synthetic import synthetic_eval_set
-from alignkit.eval_entry import evaluate
-from alignkit.evaluate import evaluate_sets
-from alignkit.train import train
+from alignkit.eval.encode import evaluate_sets
+from alignkit.eval.entry import evaluate
+from alignkit.run.train import train
 
 STEPS = (0, 3, 6, 8)
 KEYS = ("val/zs/shapes/top1", "val/ret/shapes_captions/i2t_r@1", "val/gap/shapes_captions/l2")

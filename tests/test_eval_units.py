@@ -15,8 +15,8 @@ from alignkit.callbacks.evaluation import FIRST_EMBEDDINGS_FILE, EvaluationCallb
 from alignkit.data.evalsets import ClassificationSet, RetrievalSet
 from alignkit.data.synthetic import synthetic_eval_set
 from alignkit.encoders.openclip import WeightsUnavailableError
-from alignkit.eval_entry import load_model
-from alignkit.report import load_history, render_report, save_history
+from alignkit.eval.entry import load_model
+from alignkit.eval.report import load_history, render_report, save_history
 
 
 def _trainer(tmp_path: Path, step: int) -> SimpleNamespace:
@@ -90,7 +90,7 @@ def _eval_cfg(overrides, out_dir):
 
 
 def test_eval_entry_bad_inputs(tmp_path):
-    from alignkit.eval_entry import evaluate
+    from alignkit.eval.entry import evaluate
 
     with pytest.raises(ValueError, match="no eval sets selected"):
         evaluate(_eval_cfg(["model.name=alignkit-tiny-vit"], tmp_path))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alignkit.encoders.openclip import register_shipped_configs
-from alignkit.export import export_checkpoint, extract_state_dict, main
+from alignkit.run.export import export_checkpoint, extract_state_dict, main
 
 
 @pytest.fixture(scope="module")

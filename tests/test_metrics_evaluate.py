@@ -10,7 +10,7 @@ from PIL import Image
 
 from alignkit.data.evalsets import ClassificationSet, ImageList, RetrievalSet
 from alignkit.encoders.openclip import register_shipped_configs
-from alignkit.evaluate import (
+from alignkit.eval.encode import (
     encode_eval_set,
     encode_eval_set_shard,
     evaluate_embeddings,

@@ -9,12 +9,12 @@ from conftest import compose_train
 from hydra.utils import instantiate
 from safetensors.torch import save_file
 
-from alignkit.checkpoint import AtomicCheckpointIO, atomic_torch_save
 from alignkit.data import ImageTextDataModule
 from alignkit.encoders.openclip import OpenCLIPEncoder
-from alignkit.module import AlignModule
-from alignkit.schedulers import LRSchedule
-from alignkit.training import batch_modality_gap
+from alignkit.modules.base import batch_modality_gap
+from alignkit.modules.clip_refine import AlignModule
+from alignkit.modules.schedulers import LRSchedule
+from alignkit.run.checkpointing import AtomicCheckpointIO, atomic_torch_save
 
 
 def build(start_file, lr=1e-3):

@@ -7,7 +7,7 @@ import csv
 
 from conftest import compose_train
 
-from alignkit.train import train
+from alignkit.run.train import train
 
 
 def test_diagnostics_are_logged_on_every_step_the_logger_writes(tmp_path):

@@ -12,8 +12,13 @@ from hydra.utils import instantiate
 
 from alignkit.callbacks.teacher_cache import TeacherCache, fingerprint_for
 from alignkit.data import ImageTextDataModule
-from alignkit.module import AlignModule
-from alignkit.teacher_cache import TeacherEmbeddingStore, dataset_identity, precompute, teacher_fingerprint
+from alignkit.features.teacher_store import (
+    TeacherEmbeddingStore,
+    dataset_identity,
+    precompute,
+    teacher_fingerprint,
+)
+from alignkit.modules.clip_refine import AlignModule
 
 
 def _module(encoder) -> AlignModule:
@@ -150,7 +155,7 @@ def test_callback_turns_itself_off_for_augmented_data(tiny_encoder):
 def test_training_with_a_precomputed_cache_gives_the_same_model(tmp_path):
     from safetensors.torch import load_file
 
-    from alignkit.train import train
+    from alignkit.run.train import train
 
     root = str(tmp_path / "cache")
     common = ["+experiment=smoke", "trainer.max_steps=3", "data.num_samples=96", "callbacks.checkpoint=null"]

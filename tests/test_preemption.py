@@ -10,7 +10,7 @@ import torch
 from conftest import compose_train
 from test_distributed import uneven_shards
 
-from alignkit.train import train
+from alignkit.run.train import train
 
 
 def _cfg(run: Path, shards: str, extra: list[str]):
@@ -76,9 +76,9 @@ def test_signal_mid_epoch_then_resume_is_bit_identical_and_sees_each_sample_once
 
 
 def test_checkpoint_from_another_architecture_is_refused(tmp_path, tiny_encoder):
-    from alignkit.cluster import check_checkpoint_compatible
     from alignkit.losses import InfoNCE
-    from alignkit.module import AlignModule
+    from alignkit.modules.clip_refine import AlignModule
+    from alignkit.run.cluster import check_checkpoint_compatible
 
     module = AlignModule(tiny_encoder, InfoNCE(), optimizer=torch.optim.AdamW)
     cfg = compose_train(["+experiment=smoke"])
@@ -94,7 +94,7 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path, tiny_encoder)
 
 
 def test_trainer_preset_disagreeing_with_slurm_fails_naming_the_value(monkeypatch):
-    from alignkit.cluster import check_trainer_matches_slurm
+    from alignkit.run.cluster import check_trainer_matches_slurm
 
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_JOB_NAME", "train")

@@ -28,8 +28,8 @@ def test_fsdp_wraps_open_clip_blocks_so_the_teacher_is_sharded_like_the_student(
 def test_plugins_switch_lightning_auto_requeue_off_inside_slurm(monkeypatch):
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from alignkit.checkpoint import AtomicCheckpointIO
-    from alignkit.cluster import trainer_plugins
+    from alignkit.run.checkpointing import AtomicCheckpointIO
+    from alignkit.run.cluster import trainer_plugins
 
     for k in ("SLURM_NTASKS", "SLURM_JOB_NAME", "SLURM_JOB_ID"):
         monkeypatch.delenv(k, raising=False)
@@ -44,7 +44,7 @@ def test_plugins_switch_lightning_auto_requeue_off_inside_slurm(monkeypatch):
 def test_slurm_launcher_presets_compose(launcher):
     from hydra import compose, initialize_config_dir
 
-    from alignkit.train import CONFIG_DIR
+    from alignkit.run.train import CONFIG_DIR
 
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
         cfg = compose(

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from alignkit.metrics.similarity import (
+from alignkit.features.similarity import (
     layer_similarity_matrix,
     linear_cka,
     mutual_knn,

@@ -9,7 +9,7 @@ import torch
 from conftest import compose_train, synthetic_shards
 from omegaconf import open_dict
 
-from alignkit.train import train
+from alignkit.run.train import train
 
 TINY_VISION = {"kind": "timm", "model": "test_vit", "pretrained": False, "pool": "cls", "init_seed": 0}
 
@@ -74,7 +74,7 @@ def _head_keys(ckpt_path):
 
 
 def test_tiny_end_to_end_cached(tmp_path, shards, tiny_text_dir):
-    from alignkit.structure.model import load_aligned
+    from alignkit.encoders.aligned import load_aligned
 
     summary = train(tiny_cfg(tmp_path, shards, tiny_text_dir))
     run = tmp_path / "run"
@@ -180,7 +180,7 @@ def test_open_clip_export_loads_and_encodes_the_same(tmp_path, shards, tiny_text
     oc, _, _ = open_clip.create_model_and_transforms(
         "alignkit-structure", pretrained=str(out / "open_clip_model.safetensors"), **pre_kw
     )
-    from alignkit.structure.model import load_aligned
+    from alignkit.encoders.aligned import load_aligned
 
     ours, tok, _ = load_aligned(tmp_path / "run" / "model")
     images = torch.randn(2, 3, 160, 160)
@@ -205,7 +205,7 @@ def test_cca_heads_equal_the_analytic_projection(tmp_path, shards, tiny_text_dir
     dm.prepare_features(enc)
     x, y = dm.paired_features()
     cca = CCAAligner(dim=16).fit(x, y)
-    from alignkit.structure.model import load_aligned
+    from alignkit.encoders.aligned import load_aligned
 
     model, _, _ = load_aligned(tmp_path / "run" / "model", towers=enc)
     k = cca.proj_x.shape[1]
@@ -215,8 +215,8 @@ def test_cca_heads_equal_the_analytic_projection(tmp_path, shards, tiny_text_dir
 
 
 def test_unwritable_cache_dir_fails_before_encoding(tmp_path, shards, tiny_text_dir, monkeypatch):
+    from alignkit.encoders import frozen_towers as towers
     from alignkit.features.cache import CacheError
-    from alignkit.structure import towers
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
@@ -285,7 +285,7 @@ def test_each_unique_item_encoded_once_and_all_layer_entry_reused(
 def test_eval_py_rebuilds_the_run_from_its_checkpoint_and_from_its_export(tmp_path, shards, tiny_text_dir):
     # eval.py on a frozen-encoder run: towers rebuilt from the recorded specs, heads from the checkpoint (or from
     # the exported model/ directory); the numbers equal the training callback's evaluation of the live module.
-    from alignkit.eval_entry import evaluate
+    from alignkit.eval.entry import evaluate
 
     summary = train(tiny_cfg(tmp_path, shards, tiny_text_dir, "evalsets=synthetic"))
     run = tmp_path / "run"

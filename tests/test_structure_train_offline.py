@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import compose_train
 
-from alignkit.report import load_history
-from alignkit.train import train
+from alignkit.eval.report import load_history
+from alignkit.run.train import train
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import REPO, compose_train, synthetic_shards
 
-from alignkit.train import CONFIG_DIR, train
+from alignkit.run.train import CONFIG_DIR, train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}

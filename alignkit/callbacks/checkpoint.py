@@ -15,7 +15,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     The final save happens inside the last batch's hooks, like every other step checkpoint, so the saved loop
     state is a mid-loop state that resumes cleanly (a save from ``on_train_end`` would record a finished loop).
-    Writes are atomic when the trainer uses :class:`alignkit.checkpoint.AtomicCheckpointIO` (the default preset).
+    Writes are atomic when the trainer uses :class:`alignkit.run.checkpointing.AtomicCheckpointIO` (the default preset).
     """
 
     def on_train_batch_end(

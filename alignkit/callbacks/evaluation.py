@@ -2,7 +2,7 @@
 
 Works with any training module that exposes ``eval_interface() -> (model, tokenizer, preprocess)``.
 Every rank encodes its strided slice of each eval set and the slices are all-gathered
-(:func:`alignkit.evaluate.encode_eval_set`), so no rank idles at a barrier while rank 0 works; every rank
+(:func:`alignkit.eval.encode.encode_eval_set`), so no rank idles at a barrier while rank 0 works; every rank
 then holds the same metrics, rank 0 logs them and writes the files.
 """
 
@@ -18,8 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from alignkit.data.evalsets import ClassificationSet, EvalSet, RetrievalSet
-from alignkit.evaluate import EncodedEvalSet, evaluate_sets
-from alignkit.report import (
+from alignkit.eval.encode import EncodedEvalSet, evaluate_sets
+from alignkit.eval.report import (
     METRICS_FILE,
     PLOT_FILE,
     REPORT_FILE,

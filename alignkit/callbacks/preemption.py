@@ -9,11 +9,11 @@ Requeue has exactly one owner (see docs/distributed.md):
 
 * ``sbatch`` (``scripts/slurm/train.sbatch``): this callback runs ``scontrol requeue`` on SIGUSR1 (sent by
   ``#SBATCH --signal=USR1@N`` or ``scancel -s USR1``). Lightning's own SLURM auto-requeue is switched off
-  (:func:`alignkit.cluster.trainer_plugins`), and this callback refuses to start if it is on.
+  (:func:`alignkit.run.cluster.trainer_plugins`), and this callback refuses to start if it is on.
 * Hydra's submitit launcher: submitit owns the requeue (its SIGUSR2 handler). This callback intercepts SIGUSR2,
   saves at the batch boundary and stops training; once the run has wound down (every callback's hooks for that
   batch, loggers finalised, the run summary written) it calls submitit's handler, which dumps the job, runs
-  ``scontrol requeue`` and exits the process. ``alignkit.train`` makes that call itself after writing the
+  ``scontrol requeue`` and exits the process. ``alignkit.run.train`` makes that call itself after writing the
   summary (:meth:`PreemptionCheckpoint.hand_over`); elsewhere it happens in this callback's ``teardown``.
 * SIGTERM (scancel, the scheduler's own preemption, the end of the time limit) only saves: a user's ``scancel``
   must not come back, and a scheduler that preempts with requeue brings the job back by itself.
@@ -80,7 +80,7 @@ class PreemptionCheckpoint(Callback):
         self._pid = os.getpid()
         self._rng_to_restore: list | None = None
         self._pending: tuple[Any, int] | None = None  # (submitit's handler, signal) once preempted
-        self.defer_handover = False  # True: the caller runs hand_over() after fit (alignkit.train does)
+        self.defer_handover = False  # True: the caller runs hand_over() after fit (alignkit.run.train does)
 
     # ----- signals -----
     def _handler(self, signum: int, frame: Any) -> None:
@@ -99,7 +99,7 @@ class PreemptionCheckpoint(Callback):
         if isinstance(env, SLURMEnvironment) and env.auto_requeue and self.requeue != "none":
             raise ValueError(
                 "two requeue owners: Lightning's SLURMEnvironment(auto_requeue=True) and alignkit's "
-                "PreemptionCheckpoint. Keep the trainer preset's plugins (alignkit.cluster.trainer_plugins switches "
+                "PreemptionCheckpoint. Keep the trainer preset's plugins (alignkit.run.cluster.trainer_plugins switches "
                 "Lightning's off) or set callbacks.preemption.requeue=none"
             )
         self._pid = os.getpid()

@@ -9,7 +9,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from alignkit.teacher_cache import TeacherEmbeddingStore, dataset_identity, teacher_fingerprint
+from alignkit.features.teacher_store import TeacherEmbeddingStore, dataset_identity, teacher_fingerprint
 
 log = logging.getLogger(__name__)
 

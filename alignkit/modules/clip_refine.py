@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from alignkit.encoders.openclip import OpenCLIPEncoder
-from alignkit.schedulers import LRSchedule
-from alignkit.training import TrainingModule
+from alignkit.modules.base import TrainingModule
+from alignkit.modules.schedulers import LRSchedule
 
 log = logging.getLogger(__name__)
 # The frozen teacher is in eval mode on purpose; Lightning's start-of-fit notice about eval-mode modules is noise.
@@ -35,7 +35,7 @@ class AlignModule(TrainingModule):
             excluding biases, norms and the logit scale (open_clip's trainer).
         accumulation: ``none`` (Lightning's ``trainer.accumulate_grad_batches`` remains available) or
             ``cache_recompute``: the per-device batch is processed in micro-batches of ``micro_batch_size`` while the
-            loss still sees every negative (:mod:`alignkit.accumulation`; manual optimisation).
+            loss still sees every negative (:mod:`alignkit.modules.accumulation`; manual optimisation).
 
     The teacher is deep-copied at construction, i.e. from the *starting* weights, before any checkpoint is
     restored, and its weights are never written to checkpoints: a resumed run therefore distils from the original
@@ -120,13 +120,13 @@ class AlignModule(TrainingModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.accumulation == "cache_recompute":
-            from alignkit.accumulation import manual_step
+            from alignkit.modules.accumulation import manual_step
 
             return manual_step(self, batch)
         images, tokens = batch["image"], batch["text"]
         out = self(images, tokens)
         if self.teacher is not None:
-            # A TeacherCache callback may have put the teacher's outputs in the batch (alignkit/teacher_cache.py).
+            # A TeacherCache callback may have put the teacher's outputs in the batch (alignkit/features/teacher_store.py).
             cached = batch.get("teacher")
             out.update(cached if cached is not None else self.teacher_forward(images, tokens))
         out["step"] = self.global_step

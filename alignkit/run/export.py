@@ -1,6 +1,6 @@
 """Export a trained alignkit checkpoint to a plain open_clip state dict.
 
-``python -m alignkit.export RUN_DIR_OR_CKPT OUT.safetensors`` writes the student model's weights with no
+``python -m alignkit.run.export RUN_DIR_OR_CKPT OUT.safetensors`` writes the student model's weights with no
 Lightning (``model.``) or teacher prefixes, so ``open_clip.create_model_and_transforms(ARCH,
 pretrained=OUT)`` and CLIP_benchmark (``--model ARCH --pretrained OUT``) load it as it is.
 """

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignkit.encoders.frozen_towers import FrozenTowers
 from alignkit.encoders.heads import LinearHead
-from alignkit.structure.towers import FrozenTowers
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _in_dim(head: nn.Module) -> int:
 
 
 def _jsonable(obj: Any) -> Any:
-    from alignkit.structure.towers import _plain
+    from alignkit.encoders.frozen_towers import _plain
 
     return json.loads(json.dumps(_plain(obj), default=str))
 

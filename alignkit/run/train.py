@@ -14,12 +14,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from alignkit import cluster  # registers the ${ak_slurm:...} / ${ak_sweep_id:} resolvers
-from alignkit.checkpoint import resolve_ckpt_path
-from alignkit.export import export_module
+from alignkit.run import cluster  # registers the ${ak_slurm:...} / ${ak_sweep_id:} resolvers
+from alignkit.run.checkpointing import resolve_ckpt_path
+from alignkit.run.export import export_module
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")  # the repository's configs/
 
 
 def build_loggers(cfg: DictConfig) -> list:

@@ -1,6 +1,6 @@
 """The data node of the frozen-encoder workflow: feature cache → layer selection → in-memory feature batches.
 
-``prepare_features(encoder, run_dir)`` (called by ``alignkit.train`` before the module is built) reads the pair
+``prepare_features(encoder, run_dir)`` (called by ``alignkit.run.train`` before the module is built) reads the pair
 table, encodes every unique image and caption once through :class:`~alignkit.features.cache.FeatureCache`,
 picks the layer pair (mutual kNN on ``n_samples`` pairs, or the last / fixed layers) and keeps the selected
 layers' features in memory. Training batches are then index gathers: thousands of steps per second on a CPU.
@@ -25,9 +25,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from alignkit.data.pair_table import PairTable, read_pairs
+from alignkit.encoders.frozen_towers import FrozenTowers
 from alignkit.features.cache import CacheError, FeatureCache, encode_batches, feature_key
-from alignkit.structure.pairs import PairTable, read_pairs
-from alignkit.structure.towers import FrozenTowers
 
 log = logging.getLogger(__name__)
 

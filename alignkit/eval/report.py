@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from alignkit.data.evalsets import EvalSet, RetrievalSet
-from alignkit.evaluate import EncodedEvalSet
+from alignkit.eval.encode import EncodedEvalSet
 from alignkit.metrics import pca_2d
 
 __all__ = [

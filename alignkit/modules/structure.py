@@ -2,7 +2,7 @@
 (STRUCTURE: InfoNCE + λ·R_S; the plain InfoNCE baseline is the same loss with ``use_structure=false``).
 
 Batches are either cached features (``image_inputs`` / ``text_inputs``, from
-:class:`~alignkit.structure.data.FeaturePairDataModule`) or raw ``image`` / ``text`` tensors (online path: the
+:class:`~alignkit.data.features.FeaturePairDataModule`) or raw ``image`` / ``text`` tensors (online path: the
 frozen towers run under ``no_grad`` inside the step). Checkpoints hold the heads only: the towers' weights are
 dropped on save and taken from the freshly built towers on load.
 """
@@ -17,16 +17,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from alignkit.schedulers import LRSchedule
-from alignkit.structure.model import (
+from alignkit.encoders.aligned import (
     TOWERS_PREFIX,
     AlignedDualEncoder,
     export_open_clip,
     head_spec,
     save_aligned,
 )
-from alignkit.structure.towers import FrozenTowers
-from alignkit.training import TrainingModule
+from alignkit.encoders.frozen_towers import FrozenTowers
+from alignkit.modules.base import TrainingModule
+from alignkit.modules.schedulers import LRSchedule
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class StructureModule(TrainingModule):
         try:
             out["open_clip"] = str(export_open_clip(self.model, Path(run_dir) / "open_clip"))
         except ValueError as err:
-            log.info("%s; the alignkit format (alignkit.structure.load_aligned) is the export", err)
+            log.info("%s; the alignkit format (alignkit.encoders.aligned.load_aligned) is the export", err)
         return out
 
     # ----- setup -----

@@ -17,8 +17,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from alignkit.data.evalsets import ClassificationSet, EvalSet
-from alignkit.distributed import rank as dist_rank
-from alignkit.distributed import world_size as dist_world
 from alignkit.metrics import (
     geometry_metrics,
     retrieval_metrics,
@@ -26,6 +24,8 @@ from alignkit.metrics import (
     zeroshot_logits,
     zeroshot_metrics,
 )
+from alignkit.run.distributed import rank as dist_rank
+from alignkit.run.distributed import world_size as dist_world
 
 __all__ = [
     "EncodedEvalSet",

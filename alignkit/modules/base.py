@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignkit.schedulers import LRSchedule
+from alignkit.modules.schedulers import LRSchedule
 
 
 def batch_modality_gap(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:

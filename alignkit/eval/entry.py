@@ -22,9 +22,8 @@ from torch import nn
 
 from alignkit.callbacks.evaluation import build_evalsets
 from alignkit.encoders.openclip import WeightsUnavailableError, create_open_clip, register_shipped_configs
-from alignkit.evaluate import evaluate_sets
-from alignkit.export import extract_state_dict, find_architecture, load_checkpoint, resolve_checkpoint
-from alignkit.report import (
+from alignkit.eval.encode import evaluate_sets
+from alignkit.eval.report import (
     METRICS_FILE,
     PLOT_FILE,
     REPORT_FILE,
@@ -34,7 +33,8 @@ from alignkit.report import (
     render_report,
     save_history,
 )
-from alignkit.train import CONFIG_DIR  # one config tree for train.py and eval.py
+from alignkit.run.export import extract_state_dict, find_architecture, load_checkpoint, resolve_checkpoint
+from alignkit.run.train import CONFIG_DIR  # one config tree for train.py and eval.py
 
 __all__ = ["LoadedModel", "evaluate", "load_model", "main"]
 
@@ -61,7 +61,7 @@ def _aligned(model_and_io: tuple, step: int, what: str) -> LoadedModel:
 
 
 def _from_checkpoint(src: str, name: str | None, precision: str) -> LoadedModel:
-    from alignkit.structure.model import FORMAT, aligned_from_spec, load_aligned
+    from alignkit.encoders.aligned import FORMAT, aligned_from_spec, load_aligned
 
     if Path(src, "model.json").is_file() and not Path(src, "checkpoints").is_dir():
         return _aligned(load_aligned(src), 0, src)  # an export directory of a frozen-encoder run

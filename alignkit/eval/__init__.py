@@ -1,0 +1,1 @@
+"""Evaluation: encode eval sets (sharded across ranks), record and report metrics, the eval entry."""
