@@ -23,7 +23,15 @@ def init_gloo(rank: int, world: int, port: int) -> None:
 
 
 def _loss_nodes():
-    from alignkit.losses import HybridDistillation, InfoNCE, RandomFeatureAlignment
+    from alignkit.losses import (
+        Alignment,
+        CalibratedUniformity,
+        HybridDistillation,
+        InfoNCE,
+        RandomFeatureAlignment,
+        SoftenedInfoNCE,
+        Uniformity,
+    )
     from alignkit.losses.structure import StructureLoss
 
     return {
@@ -42,6 +50,20 @@ def _loss_nodes():
         # R_S on each rank's own batch (the default): checked against per-chunk references
         "structure_local_rs": StructureLoss(temperature=0.1, lambda_structure=2.0, warmup_steps=0),
         "structure_infonce_only": StructureLoss(temperature=0.1, warmup_steps=0, use_structure=False),
+        "alignment": Alignment(alpha=3.0),
+        # the log-mean over all pairs: exact global value/gradient from local rows (see alignkit.losses.uniformity)
+        "uniformity_gather_local": Uniformity(t=2.0),
+        "uniformity_union_gather_local": Uniformity(t=2.0, uniform_over="union"),
+        "uniformity_gather_global": Uniformity(t=2.0, cross_rank="gather_global_loss"),
+        # CM³: the frozen inputs calibrate the repulsion and travel with the features
+        "cm3_gather_local": CalibratedUniformity(t=2.0),
+        "cm3_per_modality_gather_global": CalibratedUniformity(
+            t=1.0, combine="per_modality", cross_rank="gather_global_loss"
+        ),
+        # LightCLIP at step 7 of a 10-step ramp, mass to the negatives by similarity (the most row-dependent case)
+        "softened_gather_local": SoftenedInfoNCE(
+            max_softening=0.3, softening_steps=10, mass_to="similar", logit_scale="none", temperature=0.1
+        ),
     }
 
 

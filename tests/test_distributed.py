@@ -51,6 +51,13 @@ def loss_results(spawned):
         "hycd_gather_global",
         "rafa",
         "structure_gathered",
+        "alignment",
+        "uniformity_gather_local",
+        "uniformity_union_gather_local",
+        "uniformity_gather_global",
+        "cm3_gather_local",
+        "cm3_per_modality_gather_global",
+        "softened_gather_local",
     ],
 )
 def test_gathered_losses_and_gradients_equal_one_process_on_the_whole_batch(loss_results, name):
