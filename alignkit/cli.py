@@ -2,7 +2,7 @@
 
 alignkit train [hydra overrides]                 # = python train.py
 alignkit eval  [hydra overrides]                 # = python eval.py
-alignkit export RUN_OR_CKPT OUT.safetensors [--prefix model.] [--no-sidecar]
+alignkit export RUN_OR_CKPT OUT_DIR            # open_clip hub layout (OUT.safetensors: plain state dict)
 """
 
 from __future__ import annotations

@@ -125,16 +125,9 @@ def test_eval_py_on_the_checkpoint_matches_the_end_of_training_evaluation(run, t
         assert written["8"][k] == pytest.approx(v, abs=1e-6), k
     assert "| metric | step 8 | better |" in (tmp_path / "ev" / "report.md").read_text()
     assert (tmp_path / "ev" / "embeddings.png").is_file()
-    # the exported open_clip file evaluated as "name + local file" gives the same numbers again
+    # the exported open_clip directory evaluated as an open_clip model gives the same numbers again
     from_file = evaluate(
-        _eval_cfg(
-            [
-                "model.name=alignkit-tiny-vit",
-                f"model.pretrained={run_dir / 'model.safetensors'}",
-                "evalsets=synthetic",
-            ],
-            tmp_path / "ev2",
-        )
+        _eval_cfg([f"model.name=local-dir:{run_dir / 'open_clip'}", "evalsets=synthetic"], tmp_path / "ev2")
     )
     for k, v in history["8"].items():
         assert from_file["metrics"][k] == pytest.approx(v, abs=1e-6), k
@@ -151,25 +144,30 @@ def _embed(model, tokenizer, preprocess):
 
 def test_export_at_the_end_of_training_loads_in_open_clip(run, tmp_path, caplog):
     run_dir, summary, module = run
-    exported = run_dir / "model.safetensors"
+    exported = run_dir / "open_clip"
     assert summary["exported"] == str(exported)
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            "alignkit-tiny-vit", pretrained=str(exported)
-        )
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{exported}")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    result = model.load_state_dict(open_clip.factory.load_state_dict(str(exported)), strict=True)
+    weights = exported / "open_clip_model.safetensors"
+    result = model.load_state_dict(open_clip.factory.load_state_dict(str(weights)), strict=True)
     assert result.missing_keys == [] and result.unexpected_keys == []
     trained, tok, pre = module.eval_interface()
     img_t, txt_t = _embed(trained, tok, pre)
-    img_r, txt_r = _embed(model, open_clip.get_tokenizer("alignkit-tiny-vit"), preprocess)
+    img_r, txt_r = _embed(model, open_clip.get_tokenizer(f"local-dir:{exported}"), preprocess)
     torch.testing.assert_close(img_r, img_t, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(txt_r, txt_t, atol=1e-6, rtol=1e-5)
     img_teacher, _ = _embed(module.teacher, tok, pre)
     assert not torch.allclose(img_r, img_teacher, atol=1e-4)  # the student, not the starting model
-    meta = json.loads((run_dir / "model.json").read_text())
-    assert meta["architecture"] == "alignkit-tiny-vit" and meta["preprocess"]["size"] == [32, 32]
+    config = json.loads((exported / "open_clip_config.json").read_text())
+    assert config["preprocess_cfg"]["size"] == [32, 32] and config["model_cfg"]["embed_dim"] == 64
+    history = json.loads((run_dir / "metrics.json").read_text())
+    top1 = "val/zs/shapes/top1"
+    assert (
+        f"| `{top1}` | {history['0'][top1]:.4f} | {history['8'][top1]:.4f} |"
+        in (exported / "README.md").read_text()
+    )
 
 
 def test_alignkit_export_cli_on_the_run_directory(run, tmp_path):
@@ -177,6 +175,9 @@ def test_alignkit_export_cli_on_the_run_directory(run, tmp_path):
 
     run_dir, _, _ = run
     cli_main(["export", str(run_dir), str(tmp_path / "cli.safetensors")])
-    a, b = load_file(str(tmp_path / "cli.safetensors")), load_file(str(run_dir / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "cli.safetensors")),
+        load_file(str(run_dir / "open_clip" / "open_clip_model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # last.ckpt = final weights
     assert json.loads((tmp_path / "cli.json").read_text())["architecture"] == "alignkit-tiny-vit"

@@ -170,8 +170,8 @@ def test_training_with_a_precomputed_cache_gives_the_same_model(tmp_path):
     assert len(parts) == 1  # every teacher row came from the precomputed part: training added none
     train(compose_train(common, tmp_path / "b"))
     a, b = (
-        load_file(str(tmp_path / "a" / "model.safetensors")),
-        load_file(str(tmp_path / "b" / "model.safetensors")),
+        load_file(str(tmp_path / "a" / "open_clip" / "open_clip_model.safetensors")),
+        load_file(str(tmp_path / "b" / "open_clip" / "open_clip_model.safetensors")),
     )
     assert a.keys() == b.keys()
     for k in a:

@@ -56,7 +56,7 @@ def test_signal_mid_epoch_then_resume_is_bit_identical_and_sees_each_sample_once
     ]
     first = train(_cfg(run, shards, signal_at))
     assert first["preempted"] and first["global_step"] == 18  # the signalled batch finishes, then it stops
-    assert not (run / "model.safetensors").exists()
+    assert not (run / "open_clip").exists()
     ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 18
     second = train(_cfg(run, shards, signal_at))  # the "requeued" job: same run dir, ckpt_path=auto
@@ -70,7 +70,10 @@ def test_signal_mid_epoch_then_resume_is_bit_identical_and_sees_each_sample_once
 
     from safetensors.torch import load_file
 
-    a, b = load_file(tmp_path / "ref/model.safetensors"), load_file(run / "model.safetensors")
+    a, b = (
+        load_file(tmp_path / "ref/open_clip/open_clip_model.safetensors"),
+        load_file(run / "open_clip/open_clip_model.safetensors"),
+    )
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
 

@@ -120,7 +120,10 @@ def _assert_trained_alike(ref: tuple[Path, Path], run: tuple[Path, Path]) -> Non
     the same order (none repeated after the requeue)."""
     from safetensors.torch import load_file
 
-    a, b = load_file(ref[1] / "model.safetensors"), load_file(run[1] / "model.safetensors")
+    a, b = (
+        load_file(ref[1] / "open_clip" / "open_clip_model.safetensors"),
+        load_file(run[1] / "open_clip" / "open_clip_model.safetensors"),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a), "requeued run ended with different weights"
 
     def keys(log_dir: Path) -> list:
@@ -180,7 +183,7 @@ def test_sbatch_two_tasks_ddp_smoke(slurm, tmp_path):
     assert [len(p) for p in per_rank] == [4, 4]  # both ranks took the same number of steps
     seen = [k for p in per_rank for b in p for k in b]
     assert len(seen) == len(set(seen)) == 64  # each sample exactly once across the two ranks
-    assert (run / "model.safetensors").is_file()
+    assert (run / "open_clip" / "open_clip_model.safetensors").is_file()
 
 
 def test_signalled_job_requeues_and_finishes_like_an_uninterrupted_one(slurm, tmp_path):

@@ -99,7 +99,8 @@ def test_cli_smoke_run_leaves_a_complete_run_directory(tmp_path):
     for f in (
         "config.yaml",
         "summary.json",
-        "model.safetensors",
+        "open_clip/open_clip_model.safetensors",
+        "open_clip/README.md",
         "checkpoints/last.ckpt",
         "csv/version_0/metrics.csv",
         "train.log",

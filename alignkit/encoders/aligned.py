@@ -16,6 +16,7 @@ import importlib
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -207,18 +208,15 @@ def open_clip_blocker(model: AlignedDualEncoder) -> str | None:
     return None
 
 
-def export_open_clip(
-    model: AlignedDualEncoder, out_dir: str | Path, name: str = "alignkit-structure"
-) -> Path:
-    """Write ``<name>.json`` (a ``CustomTextCLIP`` config), ``open_clip_model.safetensors`` and ``preprocess.json``.
+def open_clip_config(model: AlignedDualEncoder) -> tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]:
+    """(model_cfg, preprocess_cfg, state dict) of the ``CustomTextCLIP`` equal to ``model``.
 
-    Load with ``open_clip.add_model_config(out_dir / f"{name}.json")`` then
-    ``open_clip.create_model_and_transforms(name, pretrained=str(out_dir / "open_clip_model.safetensors"),
-    **json.loads((out_dir / "preprocess.json").read_text()))``; the timm
-    trunk's own classifier (``num_classes = embed_dim``, with bias) carries the image head, and the HF tower's
-    linear projection the text head. Raises ``ValueError`` with the reason when not possible.
+    The timm trunk's own classifier (``num_classes = embed_dim``, with bias) carries the image head and the HF
+    tower's linear projection the text head. The text tower is named by hub id (:func:`text_tower_hub_id`): open_clip
+    resolves a path in ``hf_model_name`` against the current directory, so a path would not survive a move.
+    Raises ``ValueError`` with the reason when the model has no open_clip equivalent.
     """
-    from safetensors.torch import save_file
+    from alignkit.encoders.hub_cache import text_tower_hub_id
 
     reason = open_clip_blocker(model)
     if reason:
@@ -230,7 +228,7 @@ def export_open_clip(
     timm_name = "tf_efficientnet_lite0" if vspec.get("kind") == "effnet_lite0_offline" else vspec["model"]
     pool = "token" if t.vision.pool == "cls" else "avg"
     size = t.data_cfg["input_size"][1]
-    text_path = str(t.text.name)
+    hub_id, _ = text_tower_hub_id(t.text_spec)
     cfg = {
         "embed_dim": embed,
         "init_logit_scale": float(model.logit_scale),
@@ -242,8 +240,8 @@ def export_open_clip(
             "image_size": size,
         },
         "text_cfg": {
-            "hf_model_name": text_path,
-            "hf_tokenizer_name": text_path,
+            "hf_model_name": hub_id,
+            "hf_tokenizer_name": hub_id,
             "hf_model_pretrained": False,
             "hf_pooler_type": "mean_pooler",
             "hf_proj_type": "linear",
@@ -265,12 +263,40 @@ def export_open_clip(
             sd[f"text.transformer.{k}"] = v
     sd["text.proj.weight"] = model.text_head.proj.weight
     sd["logit_scale"] = model.logit_scale.reshape(())
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(cfg, indent=1))
-    pre = {"image_mean": list(t.data_cfg["mean"]), "image_std": list(t.data_cfg["std"])}
-    (out / "preprocess.json").write_text(json.dumps(pre, indent=1))
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(out / "open_clip_model.safetensors")
-    )
-    return out / "open_clip_model.safetensors"
+    interp = t.data_cfg.get("interpolation")
+    pre = {"size": size, "mean": list(t.data_cfg["mean"]), "std": list(t.data_cfg["std"])}
+    if interp in ("bicubic", "bilinear"):
+        pre["interpolation"] = interp
+    return cfg, pre, sd
+
+
+def export_open_clip(model: AlignedDualEncoder, out_dir: str | Path, card: str | None = None) -> Path:
+    """Write ``model`` as an open_clip hub-layout directory (:mod:`alignkit.run.hub`); returns the directory.
+
+    ``open_clip.create_model_and_transforms("local-dir:" + out_dir)`` loads it with no registration, from any
+    directory and after a move. The text tower's ``config.json`` and tokenizer files travel with the export; when
+    the tower was loaded from local files they are also put into the local Hugging Face cache under the tower's
+    hub id (:func:`alignkit.encoders.hub_cache.ensure_in_hub_cache`), which is how open_clip finds its config.
+    """
+    from alignkit.encoders.hub_cache import ensure_in_hub_cache, text_tower_hub_id
+    from alignkit.run.hub import model_card, write_open_clip_dir
+
+    cfg, pre, sd = open_clip_config(model)
+    t = model.towers
+    hub_id, source = text_tower_hub_id(t.text_spec)
+    if card is None:
+        card = model_card(
+            "STRUCTURE-aligned frozen encoders (open_clip CustomTextCLIP)",
+            base_model=f"vision {t.vision_spec}, text {hub_id} (both frozen; linear heads trained)",
+            data="see the run's config.yaml",
+            recipe={"temperature": model.temperature, "embed_dim": cfg["embed_dim"]},
+        )
+    out = write_open_clip_dir(out_dir, sd, cfg, pre, card)
+    before = set(os.listdir(out))
+    t.text.model.config.save_pretrained(out)  # config.json: what open_clip's AutoConfig needs
+    t.text.tokenizer.save_pretrained(out)  # local-dir: open_clip's get_tokenizer reads the directory itself
+    shipped = sorted(set(os.listdir(out)) - before | {"config.json"})
+    if source is not None:
+        weights = [source / "model.safetensors"] if (source / "model.safetensors").is_file() else []
+        ensure_in_hub_cache(hub_id, [out / f for f in shipped if (out / f).is_file()] + weights)
+    return out

@@ -58,11 +58,24 @@ def create_open_clip(
     a local file, or None for random initialisation.
     """
     register_shipped_configs()
-    if model not in open_clip.list_models():
+    schema, location = open_clip.factory.parse_model_name(model)
+    if schema == "local-dir":
+        if not Path(location, "open_clip_config.json").is_file():
+            raise FileNotFoundError(
+                f"encoder.model={model!r}: {location} is not an open_clip export directory (no "
+                f"open_clip_config.json); `alignkit export RUN OUT_DIR` writes one."
+            )
+    elif schema is None and model not in open_clip.list_models():
         raise ValueError(
             f"Unknown open_clip architecture {model!r}. Known: e.g. ViT-B-32, ViT-B-16, RN50, "
-            f"alignkit-tiny-vit (see open_clip.list_models()); add your own JSON with open_clip.add_model_config."
+            f"alignkit-tiny-vit (see open_clip.list_models()), an export directory as 'local-dir:/path/to/dir', or "
+            f"'hf-hub:ORG/REPO'; add your own JSON with open_clip.add_model_config."
         )
+    if schema is not None and pretrained:
+        log.info(
+            "encoder.model=%s carries its own weights; encoder.pretrained=%s is ignored", model, pretrained
+        )
+        pretrained = None
     is_path = pretrained is not None and (
         os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))
     )
@@ -96,8 +109,11 @@ class OpenCLIPEncoder:
     """An open_clip model plus what the data pipeline needs from it.
 
     Args:
-        model: open_clip architecture name (``ViT-B-32``, or a shipped tiny one like ``alignkit-tiny-vit``).
-        pretrained: tag, local checkpoint file, or None (random init).
+        model: open_clip architecture name (``ViT-B-32``, or a shipped tiny one like ``alignkit-tiny-vit``), an
+            export directory ``local-dir:/path/to/dir`` or ``hf-hub:ORG/REPO``.
+        pretrained: tag, local checkpoint file, or None (random init). Ignored (set it to null) when ``model`` is
+            ``local-dir:DIR`` (an open_clip export directory, e.g. written by ``alignkit export``) or
+            ``hf-hub:ORG/REPO``: those carry their own weights.
         lock_image / lock_text: freeze a tower; ``*_unlocked_groups`` / ``*_unlocked_layers`` keep its last N
             groups / layers trainable (open_clip's ``lock_image_tower`` / ``lock_text_tower``).
         grad_checkpointing: activation checkpointing in both towers (trades compute for memory).
@@ -119,6 +135,10 @@ class OpenCLIPEncoder:
     module: nn.Module = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if open_clip.factory.parse_model_name(self.model)[0] is not None:
+            self.pretrained = (
+                None  # a local-dir / hf-hub model holds its weights (recorded as such in the spec)
+            )
         mean = tuple(self.image_mean) if self.image_mean is not None else None
         std = tuple(self.image_std) if self.image_std is not None else None
         self.module, self.preprocess_train, self.preprocess_val = create_open_clip(

@@ -34,6 +34,7 @@ from alignkit.eval.report import (
     save_history,
 )
 from alignkit.run.export import extract_state_dict, find_architecture, load_checkpoint, resolve_checkpoint
+from alignkit.run.hub import is_open_clip_dir
 from alignkit.run.train import CONFIG_DIR  # one config tree for train.py and eval.py
 
 __all__ = ["LoadedModel", "evaluate", "load_model", "main"]
@@ -65,6 +66,15 @@ def _from_checkpoint(src: str, name: str | None, precision: str) -> LoadedModel:
 
     if Path(src, "model.json").is_file() and not Path(src, "checkpoints").is_dir():
         return _aligned(load_aligned(src), 0, src)  # an export directory of a frozen-encoder run
+    if is_open_clip_dir(src):  # an open_clip hub-layout export (alignkit export / <run>/open_clip)
+        if name:
+            raise ValueError(
+                f"{src} is an open_clip export directory; it names its architecture (drop model.name)"
+            )
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{src}", precision=precision)
+        return LoadedModel(
+            model, open_clip.get_tokenizer(f"local-dir:{src}"), preprocess, 0, f"local-dir:{src}"
+        )
     path = resolve_checkpoint(src)
     ckpt = load_checkpoint(path)
     section = ckpt.get("alignkit") if isinstance(ckpt.get("alignkit"), dict) else {}
@@ -86,7 +96,7 @@ def _from_checkpoint(src: str, name: str | None, precision: str) -> LoadedModel:
             f"{path}: the checkpoint does not record its open_clip architecture; pass model.name=ARCH"
         )
     register_shipped_configs()
-    if arch not in open_clip.list_models():
+    if open_clip.factory.parse_model_name(arch)[0] is None and arch not in open_clip.list_models():
         raise ValueError(f"{path}: unknown open_clip architecture {arch!r}; pass model.name=ARCH")
     pp = spec.get("preprocess") or {}
     # Random init, then the trained weights: the starting weights (e.g. a pretrained tag) are never needed.

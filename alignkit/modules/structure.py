@@ -132,11 +132,22 @@ class StructureModule(TrainingModule):
         """(model with ``encode_image`` / ``encode_text``, tokenizer, eval preprocess)."""
         return self.model, self.encoder.tokenizer, self.encoder.preprocess_val
 
-    def export_to(self, run_dir: str | Path) -> dict[str, str]:
-        """alignkit format in ``run_dir/model`` and, when possible, an open_clip export in ``run_dir/open_clip``."""
+    def export_to(
+        self,
+        run_dir: str | Path,
+        run_cfg: Mapping[str, Any] | None = None,
+        history: Mapping[Any, Mapping[str, float]] | None = None,
+    ) -> dict[str, str]:
+        """alignkit format in ``run_dir/model`` and, when possible, an open_clip hub-layout directory in
+        ``run_dir/open_clip`` (its model card from ``run_cfg`` and the evaluation ``history``)."""
+        from alignkit.run.hub import run_card
+
         out = {"alignkit": str(save_aligned(self.model, Path(run_dir) / "model"))}
+        t = self.model.towers
+        base = f"frozen vision tower {t.vision_spec}, frozen text tower {t.text_spec}; heads trained"
+        card = run_card("STRUCTURE-aligned frozen encoders", base, run_cfg, history)
         try:
-            out["open_clip"] = str(export_open_clip(self.model, Path(run_dir) / "open_clip"))
+            out["open_clip"] = str(export_open_clip(self.model, Path(run_dir) / "open_clip", card=card))
         except ValueError as err:
             log.info("%s; the alignkit format (alignkit.encoders.aligned.load_aligned) is the export", err)
         return out

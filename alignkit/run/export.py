@@ -1,8 +1,10 @@
-"""Export a trained alignkit checkpoint to a plain open_clip state dict.
+"""Export a trained alignkit model for open_clip.
 
-``python -m alignkit.run.export RUN_DIR_OR_CKPT OUT.safetensors`` writes the student model's weights with no
-Lightning (``model.``) or teacher prefixes, so ``open_clip.create_model_and_transforms(ARCH,
-pretrained=OUT)`` and CLIP_benchmark (``--model ARCH --pretrained OUT``) load it as it is.
+``alignkit export RUN_DIR_OR_CKPT OUT_DIR`` writes open_clip's hub layout (:mod:`alignkit.run.hub`):
+``open_clip.create_model_and_transforms("local-dir:OUT_DIR")`` and ``clip_benchmark eval --model local-dir:OUT_DIR``
+load it with no registration, from anywhere, after a move. ``OUT.safetensors`` / ``OUT.pt`` instead writes only the
+student's plain open_clip state dict (no Lightning ``model.`` or teacher prefixes), for
+``open_clip.create_model_and_transforms(ARCH, pretrained=OUT)``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "EXPORT_DIR",
     "export_checkpoint",
     "export_module",
     "extract_state_dict",
@@ -31,6 +34,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ARCH_KEYS = ("model_name", "arch", "architecture")
+EXPORT_DIR = "open_clip"  # <run dir>/open_clip: every run's export
+FILE_SUFFIXES = (
+    ".safetensors",
+    ".pt",
+    ".bin",
+    ".pth",
+)  # a plain state dict file; anything else is a directory
 
 
 def resolve_checkpoint(src: str | Path) -> Path:
@@ -154,18 +164,114 @@ def _meta(source: str, ckpt: Mapping[str, Any], n: int) -> dict[str, Any]:
     return meta
 
 
+def open_clip_model_cfg(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The open_clip architecture config of an open_clip student (``ckpt["alignkit"]["encoder"]``)."""
+    import open_clip
+
+    from alignkit.encoders.openclip import register_shipped_configs
+
+    register_shipped_configs()
+    name = spec.get("model")
+    cfg = open_clip.get_model_config(name) if isinstance(name, str) else None
+    if cfg is None:
+        raise ValueError(
+            f"cannot write an open_clip directory: the architecture {name!r} is unknown to open_clip (export to "
+            f"OUT.safetensors instead and load it with your own config)."
+        )
+    if spec.get("force_quick_gelu"):
+        cfg["quick_gelu"] = True  # the trained model used QuickGELU; a rebuild without it would differ
+    return cfg
+
+
+def _hf_text_files(model_cfg: Mapping[str, Any], name: str, out: Path) -> None:
+    """A Hugging Face text tower's config.json and tokenizer files into ``out`` (open_clip reads a local-dir's
+    tokenizer from the directory itself)."""
+    text = model_cfg.get("text_cfg") or {}
+    if text.get("hf_model_name"):
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(text["hf_model_name"]).save_pretrained(out)
+    if text.get("hf_tokenizer_name"):
+        import open_clip
+
+        tok = open_clip.get_tokenizer(name)
+        getattr(tok, "tokenizer", tok).save_pretrained(out)
+
+
+def _read_run(run_dir: Path | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(resolved config, metrics history) a run directory recorded, when present."""
+    if run_dir is None:
+        return None, None
+    cfg = hist = None
+    if (run_dir / "config.yaml").is_file():
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
+    if (run_dir / "metrics.json").is_file():
+        hist = json.loads((run_dir / "metrics.json").read_text())
+    return cfg, hist
+
+
+def _write_dir(
+    ckpt: Mapping[str, Any],
+    out_dir: str | Path,
+    prefix: str,
+    run_cfg: Mapping | None,
+    history: Mapping | None,
+) -> Path:
+    """One open_clip directory from a checkpoint dict (open_clip student or frozen-towers model)."""
+    from alignkit.run.hub import preprocess_cfg_of, run_card, write_open_clip_dir
+
+    section = ckpt.get("alignkit") if isinstance(ckpt.get("alignkit"), Mapping) else {}
+    if section.get("format", "").startswith("alignkit-frozen-towers"):
+        from alignkit.encoders.aligned import aligned_from_spec, export_open_clip
+
+        heads = extract_state_dict(ckpt, prefix)
+        model, _, _ = aligned_from_spec(dict(section), heads, source="checkpoint")
+        card = run_card("STRUCTURE-aligned frozen encoders", _towers_text(section), run_cfg, history)
+        return export_open_clip(model, out_dir, card=card)
+    spec = _encoder_spec(ckpt)
+    if spec.get("kind", "open_clip") != "open_clip" or "model" not in spec:
+        raise ValueError(
+            "the checkpoint does not record an open_clip student (ckpt['alignkit']['encoder']); export to "
+            "OUT.safetensors and pass the architecture to open_clip yourself"
+        )
+    model_cfg = open_clip_model_cfg(spec)
+    state = extract_state_dict(ckpt, prefix)
+    base = f"{spec['model']} (pretrained={spec.get('pretrained')})"
+    card = run_card(f"{spec['model']} refined with alignkit", base, run_cfg, history)
+    out = write_open_clip_dir(
+        out_dir, state, model_cfg, preprocess_cfg_of(spec.get("preprocess") or {}), card
+    )
+    _hf_text_files(model_cfg, spec["model"], out)
+    return out
+
+
+def _towers_text(section: Mapping[str, Any]) -> str:
+    t = section.get("towers") or {}
+    return f"frozen vision tower {t.get('vision')}, frozen text tower {t.get('text')}; linear heads trained"
+
+
 def export_module(
-    module: torch.nn.Module, out_path: str | Path, prefix: str = "model.", sidecar: bool = True
+    module: torch.nn.Module,
+    out_path: str | Path,
+    prefix: str = "model.",
+    sidecar: bool = True,
+    run_cfg: Mapping[str, Any] | None = None,
+    history: Mapping[Any, Mapping[str, float]] | None = None,
 ) -> Path:
     """Export a training module in memory (e.g. at the end of ``train()``), exactly as its checkpoint would be.
 
     Builds the same dict ``on_save_checkpoint`` gives a checkpoint (state dict without the teacher, plus
-    the ``alignkit`` section) and goes through :func:`extract_state_dict` and :func:`write_state_dict`.
+    the ``alignkit`` section). ``out_path`` is an open_clip directory (model card from ``run_cfg`` and the
+    ``history`` of evaluations) or, with a ``.safetensors``/``.pt`` suffix, a plain state dict file.
     """
     ckpt: dict[str, Any] = {"state_dict": module.state_dict()}
     hook = getattr(module, "on_save_checkpoint", None)
     if callable(hook):
         hook(ckpt)
+    if Path(out_path).suffix not in FILE_SUFFIXES:
+        return _write_dir(ckpt, out_path, prefix, run_cfg, history)
     state = extract_state_dict(ckpt, prefix)
     source = f"in-memory {type(module).__name__}"
     out = write_state_dict(state, out_path, _meta(source, ckpt, len(state)) if sidecar else None)
@@ -176,14 +282,18 @@ def export_module(
 def export_checkpoint(
     src: str | Path, out_path: str | Path, prefix: str = "model.", sidecar: bool = True
 ) -> Path:
-    """Write the student's open_clip state dict from a ``.ckpt`` (or ``<run>/checkpoints/last.ckpt``).
+    """Export a ``.ckpt`` (or ``<run>/checkpoints/last.ckpt``); returns the output path.
 
-    ``.safetensors`` output uses safetensors, anything else ``torch.save``. With ``sidecar``, a JSON next
-    to the output (``OUT.json``) records the source and the architecture when the checkpoint names it.
-    Returns the output path.
+    ``out_path`` without a state-dict suffix: an open_clip hub-layout directory, with a model card from the run's
+    ``config.yaml`` and ``metrics.json`` when the checkpoint lies in a run directory. ``.safetensors`` (safetensors)
+    or ``.pt``/``.bin`` (``torch.save``): the student's plain state dict; with ``sidecar``, ``OUT.json`` next to
+    it records the source and the architecture when the checkpoint names it.
     """
     ckpt_path = resolve_checkpoint(src)
     ckpt = load_checkpoint(ckpt_path)
+    if Path(out_path).suffix not in FILE_SUFFIXES:
+        run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
+        return _write_dir(ckpt, out_path, prefix, *_read_run(run_dir))
     state = extract_state_dict(ckpt, prefix)
     out = write_state_dict(state, out_path, _meta(str(ckpt_path), ckpt, len(state)) if sidecar else None)
     log.info("exported %d tensors from %s to %s", len(state), ckpt_path, out)
@@ -193,9 +303,13 @@ def export_checkpoint(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", help="a Lightning .ckpt or a run directory (uses checkpoints/last.ckpt)")
-    parser.add_argument("out", help="output file: .safetensors, or .pt/.bin for torch.save")
+    parser.add_argument(
+        "out",
+        help="output directory (open_clip hub layout: load with open_clip 'local-dir:OUT'), or a file "
+        "OUT.safetensors / OUT.pt for the plain state dict",
+    )
     parser.add_argument("--prefix", default="model.", help="state_dict prefix of the student model")
-    parser.add_argument("--no-sidecar", action="store_true", help="do not write OUT.json")
+    parser.add_argument("--no-sidecar", action="store_true", help="state-dict files: do not write OUT.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     export_checkpoint(args.src, args.out, args.prefix, sidecar=not args.no_sidecar)

@@ -14,9 +14,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from alignkit.eval.report import METRICS_FILE, load_history
 from alignkit.run import cluster  # registers the ${ak_slurm:...} / ${ak_sweep_id:} resolvers
 from alignkit.run.checkpointing import resolve_ckpt_path
-from alignkit.run.export import export_module
+from alignkit.run.export import EXPORT_DIR, export_module
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")  # the repository's configs/
@@ -111,11 +112,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             c.hand_over()  # submitit path: requeue and exit here
         return summary
     if cfg.get("export") and trainer.is_global_zero:
-        # Modules with their own format (frozen towers) export themselves; open_clip students take the same path
-        # as `alignkit export` on a checkpoint: plain open_clip keys + a model.json sidecar.
+        # Every run exports <run dir>/open_clip in open_clip's hub layout (open_clip 'local-dir:'), with a model
+        # card from this config and the evaluation history; frozen-tower modules also keep their own format.
+        run_cfg = OmegaConf.to_container(cfg, resolve=True)
+        history = load_history(run_dir / METRICS_FILE)
         export_to = getattr(module, "export_to", None)
         summary["exported"] = (
-            export_to(run_dir) if export_to else str(export_module(module, run_dir / "model.safetensors"))
+            export_to(run_dir, run_cfg=run_cfg, history=history)
+            if export_to
+            else str(export_module(module, run_dir / EXPORT_DIR, run_cfg=run_cfg, history=history))
         )
     save_run_files(cfg, run_dir, summary)
     return summary
