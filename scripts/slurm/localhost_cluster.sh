@@ -10,6 +10,8 @@
 # Why accounting: without sacct a cancelled/killed submitit job stays UNKNOWN forever and a sweep hangs.
 # Why cred_expire=10 / sched_interval=2: a requeued job otherwise waits ~120-160 s before it runs again.
 set -euo pipefail
+# A failure under set -e would otherwise exit silently: say which command failed and where.
+trap 'rc=$?; echo "localhost_cluster: failed (exit $rc) at line $LINENO: $BASH_COMMAND; logs in $D/log" >&2' ERR
 D=${SLURM_CI_DIR:-/tmp/alignkit-slurm}
 ACCT=${SLURM_CI_ACCOUNTING:-1}
 CPUS=${SLURM_CI_CPUS:-8}
@@ -46,15 +48,17 @@ down() {
     for _ in $(seq 1 40); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.5; done
   fi
   # only the PIDs we started, and only while they still run the program we started (PIDs get reused)
+  # A daemon that already died (an interrupted run, a kill -9) is simply not listed. `if`, not `[ ] && echo`:
+  # the loop's status is its last command's, and a failed test there made this assignment fail under set -e.
   local pids
-  pids=$(while read -r n p; do [ "$(ps -o comm= -p "$p" 2>/dev/null)" = "$n" ] && echo "$p"; done < "$D/pids")
+  pids=$(while read -r n p; do if [ "$(ps -o comm= -p "$p" 2>/dev/null)" = "$n" ]; then echo "$p"; fi; done < "$D/pids")
   # shellcheck disable=SC2086
-  [ -n "$pids" ] && kill $pids 2>/dev/null || true
+  if [ -n "$pids" ]; then kill $pids 2>/dev/null || true; fi
   for _ in $(seq 1 60); do
     local up=""; for p in $pids; do kill -0 "$p" 2>/dev/null && up=1; done
     [ -z "$up" ] && break; sleep 0.25
   done
-  for p in $pids; do kill -0 "$p" 2>/dev/null && kill -9 "$p"; done
+  for p in $pids; do if kill -0 "$p" 2>/dev/null; then kill -9 "$p" 2>/dev/null || true; fi; done
   rm -f "$D/pids"
   echo "localhost_cluster: stopped"
 }
