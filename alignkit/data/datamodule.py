@@ -18,12 +18,17 @@ from alignkit.data.epochs import (
     ResumableLoader,
     ShardEpochDataset,
     index_loader_factory,
-    shard_sizes,
     wds_loader_factory,
 )
 from alignkit.data.samples import PairTransform
 from alignkit.data.synthetic import SyntheticShapes
-from alignkit.data.webdataset import collate_pairs, count_samples, expand_urls, make_wds_pipeline
+from alignkit.data.webdataset import (
+    collate_pairs,
+    count_samples,
+    expand_urls,
+    make_wds_pipeline,
+    shard_sizes,
+)
 
 log = logging.getLogger(__name__)
 Source = Literal["webdataset", "csv", "synthetic"]

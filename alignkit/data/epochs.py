@@ -89,9 +89,8 @@ class ShardEpochDataset(IterableDataset):
     and streams them through the buffer; an epoch is ``T`` batches per rank (sampling with replacement: a sample may
     appear several times or not at all in an epoch).
 
-    A sample the transform rejects (:class:`BadSample`) is counted and replaced by the worker's previous good sample,
-    and a range that ends early (a shard shorter than ``sizes.json`` says) is topped up the same way: the batch count
-    never changes, so no rank waits on another.
+    A sample the transform rejects (:class:`BadSample`) or that a short shard cannot deliver is counted and replaced
+    by a *spare* (see :meth:`__iter__`): the batch count never changes, so no rank waits on another.
     """
 
     def __init__(
@@ -105,7 +104,6 @@ class ShardEpochDataset(IterableDataset):
         mode: Mode = "exact",
         shuffle_buffer: int = 1000,
         seed: int = 0,
-        handler: Callable | None = None,
     ) -> None:
         if mode not in ("exact", "resampled"):
             raise ValueError(f"data.mode={mode!r} is not one of exact, resampled")
@@ -123,17 +121,32 @@ class ShardEpochDataset(IterableDataset):
         )
         self.mode, self.shuffle_buffer, self.seed = mode, shuffle_buffer, seed
         self.counter = BadSampleCounter()
-        self.handler = handler or self.counter.handler
         self.plan: EpochPlan | None = None
         self.epoch, self.consumed = 0, 0
+        self._short_shards: set[str] = set()  # shards found shorter than sizes.json (named once per worker)
+        self._tar_errors: set[str] = set()
 
     # ----- raw sample streams -----
     def _read(self, url: str) -> Iterator[dict]:
         return iter(
-            wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=self.handler))
+            wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=self._tar_error))
         )
 
-    def _exact_range(self, start: int, stop: int) -> Iterator[dict]:
+    def _tar_error(self, exn: Exception) -> bool:
+        """webdataset handler for a broken tar (truncated, empty, corrupt member): warn, keep going. The samples
+        it loses are counted where the plan notices them missing (:meth:`_exact_range`)."""
+        msg = f"{type(exn).__name__}: {exn}"
+        if msg not in self._tar_errors:  # once per error and worker: spares may read the same shard again
+            self._tar_errors.add(msg)
+            log.warning("shard read error (the rest of the shard is lost): %s", msg)
+        return True
+
+    def _exact_range(self, start: int, stop: int, count_missing: bool = True) -> Iterator[dict]:
+        """Raw samples at positions [start, stop) of the epoch's order (positions past N wrap to the start).
+
+        A shard that ends before ``sizes.json`` says (truncated, empty, unreadable) is named in the log with the
+        claimed and the found count, and, when ``count_missing``, each position it could not deliver counts as a
+        skipped sample."""
         assert self.sizes is not None
         n = sum(self.sizes)
         order = shard_order(len(self.urls), self.seed, self.epoch, self.shuffle_buffer > 0)
@@ -142,20 +155,46 @@ class ShardEpochDataset(IterableDataset):
             offsets.append(pos)
             pos += self.sizes[s]
         p = start
-        while p < stop:  # positions past N wrap to the start of the same order (ceil rounding)
+        while p < stop:
             q = p % n
             i = max(j for j, off in enumerate(offsets) if off <= q and self.sizes[order[j]] > 0)
-            skip, take = q - offsets[i], min(self.sizes[order[i]] - (q - offsets[i]), stop - p)
-            for k, sample in enumerate(self._read(self.urls[order[i]])):
-                if k >= skip + take:
+            url, claimed = self.urls[order[i]], self.sizes[order[i]]
+            skip, take = q - offsets[i], min(claimed - (q - offsets[i]), stop - p)
+            read = delivered = 0
+            for sample in self._read(url):
+                read += 1
+                if read > skip + take:
                     break
-                if k >= skip:
+                if read > skip:
+                    delivered += 1
                     yield sample
+            if delivered < take:
+                if url not in self._short_shards:
+                    self._short_shards.add(url)
+                    log.warning(
+                        "shard %s is short: sizes.json claims %d samples, the tar holds %d; its missing samples "
+                        "are counted as skipped and replaced by other samples of the epoch",
+                        url,
+                        claimed,
+                        read,
+                    )
+                if count_missing:
+                    self.counter.skip(
+                        "<missing>", "shard shorter than sizes.json", shard=url, n=take - delivered
+                    )
             p += take
 
     def _resampled(self, rng: random.Random) -> Iterator[dict]:
+        empty: set[str] = set()  # shards drawn in a row that yielded nothing
         while True:
-            yield from self._read(rng.choice(self.urls))
+            url = rng.choice(self.urls)
+            got = False
+            for sample in self._read(url):
+                got = True
+                yield sample
+            empty = set() if got else empty | {url}
+            if len(empty) == len(self.urls):
+                raise RuntimeError(f"every shard is empty or unreadable: {sorted(self.urls)[:5]}")
 
     def _shuffled(self, src: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         if self.shuffle_buffer <= 0:
@@ -174,12 +213,25 @@ class ShardEpochDataset(IterableDataset):
 
     # ----- one worker -----
     def _worker_samples(self, plan: EpochPlan, w: int) -> Iterator[dict]:
+        """This worker's raw samples: its planned range (shuffled in a buffer), then in exact mode *spares*, the
+        epoch's order from the end of the range on (wrapping once around the epoch) to replace samples that could
+        not be used."""
         rng = _seeded(self.seed, self.epoch, plan.rank, w, self.mode)
-        if self.mode == "exact":
-            return self._shuffled(self._exact_range(*plan.worker_positions(w)), rng)
-        return self._shuffled(self._resampled(rng), rng)
+        if self.mode == "resampled":
+            yield from self._shuffled(self._resampled(rng), rng)
+            return
+        start, stop = plan.worker_positions(w)
+        yield from self._shuffled(self._exact_range(start, stop), rng)
+        yield from self._exact_range(stop, stop + plan.num_samples, count_missing=False)
 
     def __iter__(self) -> Iterator[dict]:
+        """Exactly the planned number of batches of usable samples (so every rank takes the same number of steps).
+
+        A sample the transform rejects (:class:`BadSample`) and a planned sample a short shard cannot deliver are
+        counted as skipped and replaced by the next spare sample (another sample of the epoch, trained twice in
+        that epoch), never by copies of one sample. On resume the worker skips ``batches x B`` raw samples without
+        decoding them: exact when no sample before the resume point was bad; otherwise up to that many samples
+        are trained again after the resume."""
         plan = self.plan
         if plan is None:
             raise RuntimeError("ShardEpochDataset is iterated through ResumableLoader, which sets its plan")
@@ -195,51 +247,28 @@ class ShardEpochDataset(IterableDataset):
         for _ in range(skip * self.batch_size):  # raw samples: nothing is decoded while skipping
             next(raw, None)
         batch: list[dict] = []
-        last_good: dict | None = None
-        pending = 0  # bad samples seen before the first good one
-        produced = 0
-
-        def emit(item: dict) -> Iterator[dict]:
-            nonlocal batch, produced
-            batch.append({**item, "skipped": self.counter.count, "worker": physical})
-            produced += 1
-            if len(batch) == self.batch_size:
-                yield self.collate(batch)
-                batch = []
-
+        bad_shards: set[str] = set()
         for sample in raw:
-            if produced >= need:
-                break
-            key = sample.get("__key__", "?")
+            key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
             try:
                 item = self.transform(sample, rng=_seeded(self.seed, self.epoch, key, "caption"))
             except BadSample as e:
-                self.counter.skip(key, str(e))
-                if last_good is None:
-                    pending += 1
-                else:
-                    yield from emit(last_good)
+                self.counter.skip(key, str(e), shard=url)
+                bad_shards.add(url)
                 continue
-            last_good = item
-            for _ in range(pending + 1):
-                if produced < need:
-                    yield from emit(item)
-            pending = 0
-        if produced < need:
-            if last_good is None:
-                raise RuntimeError(
-                    f"rank {plan.rank} worker {w}: no usable sample in its range of epoch {self.epoch}; "
-                    f"check the shards (sizes.json vs the tar contents)"
-                )
-            log.warning(
-                "rank %d worker %d: %d sample(s) short of the plan (shards shorter than sizes.json?); "
-                "repeating the last good sample so every rank takes the same number of steps",
-                plan.rank,
-                w,
-                need - produced,
-            )
-            while produced < need:
-                yield from emit(last_good)
+            batch.append({**item, "skipped": self.counter.count, "worker": physical})
+            if len(batch) == self.batch_size:
+                yield self.collate(batch)
+                batch = []
+                need -= self.batch_size
+                if need <= 0:
+                    return
+        named = sorted(bad_shards | self._short_shards)
+        raise RuntimeError(
+            f"rank {plan.rank} worker {w}: not enough usable samples for epoch {self.epoch} even after reading "
+            f"the whole epoch once more ({self.counter.count} skipped); bad or short shards: {named[:10]}"
+            f"{' ...' if len(named) > 10 else ''}. Check them against sizes.json or rebuild them"
+        )
 
 
 class IndexEpochBatches:
@@ -360,21 +389,3 @@ def index_loader_factory(
         )
 
     return make
-
-
-def shard_sizes(urls: list[str]) -> list[int] | None:
-    """Per-shard sample counts from ``sizes.json`` ({shard name: count}) or img2dataset ``<shard>_stats.json``
-    (``successes``) next to the shards; None when neither is there (exact mode then refuses to start)."""
-    import json
-    from pathlib import Path
-
-    first = Path(urls[0])
-    sizes_file = first.parent / "sizes.json"
-    if sizes_file.is_file():
-        sizes = json.loads(sizes_file.read_text())
-        if all(Path(u).name in sizes for u in urls):
-            return [int(sizes[Path(u).name]) for u in urls]
-    stats = [Path(u).with_name(Path(u).stem + "_stats.json") for u in urls]
-    if all(s.is_file() for s in stats):
-        return [int(json.loads(s.read_text())["successes"]) for s in stats]
-    return None

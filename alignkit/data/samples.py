@@ -19,7 +19,8 @@ TEXT_KEYS = ("txt", "caption")
 
 
 class BadSample(ValueError):
-    """A sample that cannot be used (corrupt image, missing caption); counted and skipped, never fatal."""
+    """A sample that cannot be used (corrupt or oversized image, missing field, caption bytes that are not UTF-8);
+    counted and skipped, never fatal."""
 
 
 class BadSampleCounter:
@@ -34,14 +35,17 @@ class BadSampleCounter:
         self._last_warn = -float("inf")
         self._since_warn = 0
 
-    def skip(self, key: str, reason: str) -> None:
-        self.count += 1
-        self._since_warn += 1
+    def skip(self, key: str, reason: str, shard: str | None = None, n: int = 1) -> None:
+        """Count ``n`` unusable samples (``key``: the sample, ``shard``: where it came from, named in the warning)."""
+        self.count += n
+        self._since_warn += n
         now = time.monotonic()
         if now - self._last_warn >= self.interval_s:
+            where = f" in shard {shard}" if shard else ""
             log.warning(
-                "skipped bad sample %r (%s); %d skipped since last warning, %d in this worker so far",
+                "skipped bad sample %r%s (%s); %d skipped since last warning, %d in this worker so far",
                 key,
+                where,
                 reason,
                 self._since_warn,
                 self.count,
@@ -55,9 +59,19 @@ class BadSampleCounter:
 
 
 def decode_image(data: bytes, key: str) -> Image.Image:
+    """Decode an image; raises :class:`BadSample` for a corrupt one or one over PIL's pixel limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``: PIL itself only warns between 1x and 2x the limit, and a decompression bomb
+    would use the worker's memory before failing)."""
     try:
         img = Image.open(io.BytesIO(data))
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and img.width * img.height > limit:
+            raise BadSample(
+                f"image of sample {key!r} has {img.width}x{img.height} pixels, over the limit of {limit}"
+            )
         img.load()
+    except BadSample:
+        raise
     except Exception as e:
         raise BadSample(f"corrupt image in sample {key!r}: {e}") from e
     if img.mode in ("RGBA", "LA", "P"):
@@ -66,6 +80,19 @@ def decode_image(data: bytes, key: str) -> Image.Image:
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, img)
     return img.convert("RGB")
+
+
+def decode_caption(raw: bytes | str, key: str) -> str:
+    """Caption text; bytes that are not UTF-8 make the sample a :class:`BadSample` (skipped and counted).
+
+    Skip rather than decode with replacement characters: a caption with mojibake is a wrong label, and training on
+    it silently is worse than one sample fewer."""
+    if not isinstance(raw, bytes):
+        return str(raw)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadSample(f"caption of sample {key!r} is not UTF-8 ({e.reason} at byte {e.start})") from e
 
 
 def pick_caption(text: str, key: str, rng: random.Random | None) -> str:
@@ -107,7 +134,11 @@ class PairTransform:
             raise BadSample(f"sample {key!r} has no image (looked for {IMAGE_KEYS})")
         if tk is None:
             raise BadSample(f"sample {key!r} has no caption (looked for {TEXT_KEYS})")
-        text = sample[tk].decode("utf-8") if isinstance(sample[tk], bytes) else str(sample[tk])
+        text = decode_caption(sample[tk], key)
         caption = pick_caption(text, key, (rng if self.random_caption else None) or self._caption_rng())
-        image = self.preprocess(decode_image(sample[ik], key))
-        return {"image": image, "text": self.tokenizer([caption])[0], "key": key}
+        image = decode_image(sample[ik], key)
+        try:
+            pixels = self.preprocess(image)
+        except Exception as e:  # e.g. a 0-pixel-wide image the resize cannot handle
+            raise BadSample(f"sample {key!r}: preprocessing failed ({type(e).__name__}: {e})") from e
+        return {"image": pixels, "text": self.tokenizer([caption])[0], "key": key}

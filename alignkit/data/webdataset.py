@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import logging
@@ -18,16 +19,26 @@ from alignkit.data.samples import BadSample, BadSampleCounter, PairTransform
 log = logging.getLogger(__name__)
 
 
+GLOB_CHARS = ("*", "?", "[")
+
+
 def expand_urls(spec: str | list[str]) -> list[str]:
-    """Shard URLs from a brace spec (``/data/{00000..00231}.tar``), a ``::``-separated list, a Python list, or a
-    local directory (all ``*.tar`` in it, sorted); local files must exist."""
+    """Shard URLs from a brace spec (``/data/{00000..00231}.tar``), a glob (``/data/*.tar``, sorted), a
+    ``::``-separated list, a Python list, or a local directory (all ``*.tar`` in it, sorted); local files must
+    exist. Braces are expanded first, so ``/data/{coco,cc3m}/*.tar`` works."""
     specs = list(spec) if isinstance(spec, list | tuple) else str(spec).split("::")
     urls: list[str] = []
     for s in specs:
-        if Path(str(s)).is_dir():
-            urls += sorted(str(p) for p in Path(str(s)).glob("*.tar"))
-        else:
-            urls += list(braceexpand.braceexpand(str(s)))
+        for item in braceexpand.braceexpand(str(s)):
+            if Path(item).is_dir():
+                urls += sorted(str(p) for p in Path(item).glob("*.tar"))
+            elif "://" not in item and not item.startswith("pipe:") and any(c in item for c in GLOB_CHARS):
+                found = sorted(glob.glob(item))
+                if not found:
+                    raise FileNotFoundError(f"data.train_shards: no file matches the pattern {item!r}")
+                urls += found
+            else:
+                urls.append(item)
     if not urls:
         raise ValueError("data.train_shards is empty: give a shard spec like /data/coco/{00000..00231}.tar")
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
@@ -62,6 +73,21 @@ def count_samples(urls: list[str], num_samples: int | None = None) -> int:
         f"cannot tell how many samples {urls[0]}... hold: no sizes.json or img2dataset *_stats.json next to the "
         f"shards. Set data.num_samples=N (the total number of pairs) or write sizes.json with scripts/make_shards.py"
     )
+
+
+def shard_sizes(urls: list[str]) -> list[int] | None:
+    """Per-shard sample counts from ``sizes.json`` ({shard name: count}) or img2dataset ``<shard>_stats.json``
+    (``successes``) next to the shards; None when neither is there (exact mode then refuses to start)."""
+    first = Path(urls[0])
+    sizes_file = first.parent / "sizes.json"
+    if sizes_file.is_file():
+        sizes = json.loads(sizes_file.read_text())
+        if all(Path(u).name in sizes for u in urls):
+            return [int(sizes[Path(u).name]) for u in urls]
+    stats = [Path(u).with_name(Path(u).stem + "_stats.json") for u in urls]
+    if all(s.is_file() for s in stats):
+        return [int(json.loads(s.read_text())["successes"]) for s in stats]
+    return None
 
 
 class _PassesOfSamples:
@@ -118,7 +144,7 @@ class _SafeMap:
             try:
                 out = self.transform(sample)
             except BadSample as e:
-                self.counter.skip(sample.get("__key__", "?"), str(e))
+                self.counter.skip(sample.get("__key__", "?"), str(e), shard=sample.get("__url__"))
                 continue
             out["skipped"] = self.counter.count
             out["worker"] = worker
