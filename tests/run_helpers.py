@@ -52,3 +52,14 @@ class Sleep(Callback):
         import time
 
         time.sleep(self.seconds)
+
+
+class NanBatchAtStep(Callback):
+    """Fill the images of the batch trained at ``step`` with NaN (a stand-in for a numerically broken step)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            batch["image"].fill_(float("nan"))

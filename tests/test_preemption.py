@@ -154,3 +154,41 @@ def test_submitit_handler_is_called_once_after_the_run_has_wound_down(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["preempted"] and summary["global_step"] == 4
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_signal_outside_slurm_writes_last_ckpt_marks_the_run_interrupted_and_exits_non_zero(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    args = [
+        "+experiment=smoke",
+        "data.num_samples=128",
+        "epochs=1",  # 4 steps
+        "callbacks.evaluation.every_n_steps=0",
+        "+callbacks.kill._target_=run_helpers.SignalAtStep",
+        "+callbacks.kill.step=1",
+        "+callbacks.kill.sig=SIGUSR1",
+        f"paths.log_dir={tmp_path}",
+        "run_id=sig",
+    ]
+    res = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 128 + 10, res.stderr[-3000:]  # 128 + SIGUSR1: "ended by a signal"
+    run = tmp_path / "smoke" / "runs" / "sig"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["interrupted"] and summary["interrupted_by"] == "SIGUSR1" and not summary["requeued"]
+    assert summary["global_step"] == 2
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
+    assert not (run / "model.safetensors").exists()
+    report = (run / "report.md").read_text()
+    assert (
+        report.startswith("# Evaluation report (interrupted)")
+        and "INTERRUPTED by SIGUSR1 at step 2" in report
+    )

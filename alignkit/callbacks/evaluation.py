@@ -112,10 +112,14 @@ class EvaluationCallback(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
             return
-        if self.at_end and trainer.global_step != self._last_step:
+        # A run stopped by a signal (preemption callback) is not at its end: no "final" evaluation (the grace
+        # time before the kill is short) and the report says it is interrupted.
+        stopper = next((c for c in trainer.callbacks if getattr(c, "preempted", False)), None)
+        if self.at_end and stopper is None and trainer.global_step != self._last_step:
             self.evaluate(trainer, pl_module)
         if trainer.is_global_zero:
-            self.write_report(trainer)
+            by = None if stopper is None else (getattr(stopper, "received_name", None) or "a signal")
+            self.write_report(trainer, interrupted_by=by)
 
     # ----- work -----
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
@@ -157,7 +161,7 @@ class EvaluationCallback(Callback):
             log.info("step %d: %s", step, _headline(metrics))
         return metrics
 
-    def write_report(self, trainer: L.Trainer) -> None:
+    def write_report(self, trainer: L.Trainer, interrupted_by: str | None = None) -> None:
         out = self._dir(trainer)
         plot = None
         if self._first is not None and self._last is not None:
@@ -171,9 +175,16 @@ class EvaluationCallback(Callback):
             except ImportError as e:
                 log.warning("no %s: %s", PLOT_FILE, e)
         details = {"run directory": str(out), "eval sets": ", ".join(self.evalsets)}
+        if interrupted_by:
+            details = {
+                "status": f"INTERRUPTED by {interrupted_by} at step {trainer.global_step}: not the final model "
+                "(last.ckpt written; resume with ckpt_path=auto)",
+                **details,
+            }
         if plot:
             details["projection"] = f"`{self.plot_set}`, both panels in the first step's PCA basis"
-        atomic_write_text(out / REPORT_FILE, render_report(self.history, "Evaluation report", details, plot))
+        title = "Evaluation report (interrupted)" if interrupted_by else "Evaluation report"
+        atomic_write_text(out / REPORT_FILE, render_report(self.history, title, details, plot))
         log.info("wrote %s", out / REPORT_FILE)
 
     def _restore(self, trainer: L.Trainer, step: int) -> None:

@@ -75,6 +75,8 @@ class PreemptionCheckpoint(Callback):
         self.requeue, self.dirpath, self.save_rng = requeue, dirpath, save_rng
         self.received: int | None = None
         self.preempted = False
+        self.requeued = False  # True once scontrol requeue succeeded or submitit's handler is due
+        self.received_name: str | None = None  # the signal that stopped the run
         self._previous: dict[int, Any] = {}
         self._original: dict[int, Any] = {}  # kept after teardown (see setup)
         self._pid = os.getpid()
@@ -155,6 +157,7 @@ class PreemptionCheckpoint(Callback):
         if ckpt_cb is not None and hasattr(ckpt_cb, "_last_global_step_saved"):
             ckpt_cb._last_global_step_saved = trainer.global_step
         self.preempted = True
+        self.received_name = signal.Signals(signum).name
         trainer.should_stop = True
         if signum != signal.SIGTERM:
             self._requeue(trainer, signum)
@@ -181,6 +184,7 @@ class PreemptionCheckpoint(Callback):
                     f"requeue=chain but no handler was installed for {signal.Signals(signum).name}"
                 )
             self._pending = (previous, signum)  # called once the run has wound down (hand_over)
+            self.requeued = True
         elif mode == "scontrol" and trainer.is_global_zero:
             job = slurm_job_id()
             if job is None or not re.fullmatch(r"[0-9_]+", job):
@@ -188,6 +192,9 @@ class PreemptionCheckpoint(Callback):
                 return
             rc = subprocess.call(["scontrol", "requeue", job])
             (log.warning if rc == 0 else log.error)("scontrol requeue %s -> exit code %d", job, rc)
+            self.requeued = rc == 0
+        elif mode == "scontrol":
+            self.requeued = True  # rank 0 runs scontrol for the job
 
     # ----- RNG state in the checkpoint -----
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:

@@ -129,6 +129,7 @@ def manual_step(module, batch: dict) -> torch.Tensor:
         backward=module.manual_backward,
         no_sync=block if block is not None else contextlib.nullcontext,
     )
+    module.last_loss_terms = terms  # before the step: NonFiniteGuard names the non-finite term
     opt.step()
     sched = module.lr_schedulers()
     if sched is not None:

@@ -72,6 +72,7 @@ class TrainingModule(L.LightningModule):
         Nothing is logged on the other steps: no logger would write it, and Lightning's ``self.log`` costs ~1 ms of
         Python per call on CPU. The progress bar's loss therefore refreshes every ``trainer.log_every_n_steps``
         and a checkpoint ``monitor`` reads the value of the last logged step."""
+        self.last_loss_terms = terms  # read by NonFiniteGuard to name a non-finite term
         if not self._logs_this_step():
             return False
         self.log("train/loss", terms["loss"].detach(), prog_bar=True, batch_size=batch_size)

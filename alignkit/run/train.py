@@ -5,19 +5,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from alignkit.callbacks.nonfinite import NonFiniteError
 from alignkit.eval.report import METRICS_FILE, load_history
 from alignkit.run import cluster  # registers the ${ak_slurm:...} / ${ak_sweep_id:} resolvers
 from alignkit.run.checkpointing import resolve_ckpt_path
 from alignkit.run.export import EXPORT_DIR, export_module
+from alignkit.run.preflight import preflight
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")  # the repository's configs/
@@ -48,9 +53,29 @@ def save_run_files(cfg: DictConfig, run_dir: Path, summary: dict[str, Any] | Non
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
 
+def check_finite_weights(module: torch.nn.Module) -> None:
+    """Refuse to export a model with NaN / infinite weights (a run with ``callbacks.nonfinite`` removed)."""
+    bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteError(
+            f"refusing to export: {len(bad)} weight tensor(s) are not finite, e.g. {bad[:3]}"
+        )
+
+
+def exit_code(summary: dict[str, Any]) -> int:
+    """0 for a finished run (or one handed to a requeue); 128 + signal number for a run a signal stopped that
+    nobody requeues (the shell's convention for "ended by a signal")."""
+    if not summary.get("interrupted") or summary.get("requeued"):
+        return 0
+    name = summary.get("interrupted_by") or "SIGTERM"
+    return 128 + int(getattr(signal, name, signal.SIGTERM))
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by a composed config; returns a summary (final metrics, paths)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Settings and writable directories first: a bad value fails in seconds, before any data or model is loaded.
+    preflight(cfg)
     run_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -96,7 +121,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for c in handovers:
         c.defer_handover = True  # submitit's requeue handler exits: call it after the summary is written
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    preempted = any(getattr(c, "preempted", False) for c in trainer.callbacks)
+    stopper = next((c for c in trainer.callbacks if getattr(c, "preempted", False)), None)
+    preempted = stopper is not None
 
     finish_loggers(trainer)
     summary: dict[str, Any] = {
@@ -105,6 +131,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "resumed_from": ckpt,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "preempted": preempted,
+        # interrupted: stopped by a signal before the end; requeued: the scheduler will run it again. An
+        # interrupted run that nobody requeues exits non-zero (main) so a wrapper knows it did not finish.
+        "interrupted": preempted,
+        "interrupted_by": getattr(stopper, "received_name", None),
+        "requeued": bool(getattr(stopper, "requeued", False)),
+        "nonfinite_skipped_steps": sum(getattr(c, "skipped_steps", 0) for c in trainer.callbacks),
     }
     if preempted:  # last.ckpt is written; the requeued job resumes it (no export of a half-trained model)
         save_run_files(cfg, run_dir, summary)
@@ -112,6 +144,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             c.hand_over()  # submitit path: requeue and exit here
         return summary
     if cfg.get("export") and trainer.is_global_zero:
+        check_finite_weights(module)
         # Every run exports <run dir>/open_clip in open_clip's hub layout (open_clip 'local-dir:'), with a model
         # card from this config and the evaluation history; frozen-tower modules also keep their own format.
         run_cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -128,7 +161,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    code = exit_code(train(cfg))
+    if code:
+        log.error(
+            "run interrupted before the end (last.ckpt written; resume with ckpt_path=auto): exit %d", code
+        )
+        sys.exit(code)
 
 
 if __name__ == "__main__":

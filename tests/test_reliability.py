@@ -1,0 +1,99 @@
+"""Fail before work (config values, types, writable directories) and the non-finite guard."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import torch
+from conftest import compose_train
+
+from alignkit.callbacks.nonfinite import NonFiniteError
+from alignkit.run.preflight import ConfigError
+from alignkit.run.train import train
+
+FAST = ["+experiment=smoke", "evalsets=none", "trainer.max_steps=6", "data.num_samples=64"]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Building the encoder fails loudly: a check that passes with this fixture ran before any model was built."""
+    from alignkit.encoders.openclip import OpenCLIPEncoder
+
+    def refuse(self, *a, **k):
+        raise AssertionError("a model was built before the configuration was checked")
+
+    monkeypatch.setattr(OpenCLIPEncoder, "__init__", refuse)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("loss.weights.rafa=nan", "loss.weights.rafa=nan is not a finite number"),
+        ("loss.weights.hycd=-1", "loss.weights.hycd=-1: loss weights must be >= 0"),
+        ("loss.hycd.temperature=0", "loss.hycd.temperature=0 must be > 0"),
+        ("optimizer.lr=inf", "optimizer.lr=inf is not a finite number"),
+        ("optimizer.lr=0", "optimizer.lr=0: the learning rate must be > 0"),
+        ("trainer.max_steps=abc", "trainer.max_steps='abc' is not int"),
+        ("data.batch_size=big", "data.batch_size='big' is not int"),
+        ("data.epoch_rounding=round", "data.epoch_rounding='round' is not Literal"),
+    ],
+)
+def test_bad_setting_fails_before_any_model_is_built(tmp_path, no_model, override, message):
+    cfg = compose_train([*FAST, override], tmp_path / "run")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(cfg)
+
+
+def test_every_problem_is_listed_at_once(tmp_path, no_model):
+    cfg = compose_train([*FAST, "loss.weights.rafa=nan", "trainer.max_steps=abc"], tmp_path / "run")
+    with pytest.raises(ConfigError) as e:
+        train(cfg)
+    assert "loss.weights.rafa" in str(e.value) and "trainer.max_steps" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "key", ["callbacks.teacher_cache.root", "callbacks.checkpoint.dirpath", "paths.output_dir"]
+)
+def test_unwritable_directory_fails_within_seconds_naming_the_key(tmp_path, no_model, key):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")  # a directory under a file cannot be created, not even by root
+    overrides = [*FAST, "callbacks=teacher_cache", f"{key}={blocker}/cache"]
+    cfg = compose_train(overrides, None if key == "paths.output_dir" else tmp_path / "run")
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"\({key}\) is not writable"):
+        train(cfg)
+    assert time.monotonic() - start < 5
+
+
+def _poisoned(tmp_path, action: str):
+    cfg = compose_train(
+        [
+            *FAST,
+            f"callbacks.nonfinite.action={action}",
+            "+callbacks.poison._target_=run_helpers.NanBatchAtStep",
+            "+callbacks.poison.step=3",
+        ],
+        tmp_path / "run",
+    )
+    return cfg
+
+
+def test_nan_loss_stops_naming_the_step_and_terms_and_exports_nothing(tmp_path):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"step 3 \(epoch 1, rank 0\); non-finite loss terms: loss_rafa=nan.*loss_hycd=nan",
+    ):
+        train(_poisoned(tmp_path, "stop"))
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_skip_action_drops_only_the_broken_step(tmp_path):
+    summary = train(_poisoned(tmp_path, "skip"))
+    assert summary["global_step"] == 6 and summary["nonfinite_skipped_steps"] == 1
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
