@@ -8,6 +8,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from alignkit.run.checkpointing import prune_step_checkpoints
+
 
 class RunCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint (every N steps / minutes, ``last.ckpt``) plus a ``last.ckpt`` after the final
@@ -28,3 +30,23 @@ class RunCheckpoint(ModelCheckpoint):
                 str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
             )
             self._last_global_step_saved = trainer.global_step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # After the restore of a resumed run: step files of a later step than the resumed one come from a killed
+        # attempt that got further (this run writes those steps again; left in place, Lightning would save the new
+        # ones as -v1 next to them). A fresh start leaves an existing directory alone.
+        resumed = trainer.ckpt_path is not None
+        if resumed and trainer.is_global_zero and self.save_top_k > 0 and self.dirpath and self.step_prefix():
+            prune_step_checkpoints(self.dirpath, self.step_prefix(), self.save_top_k, trainer.global_step)
+
+    def step_prefix(self) -> str:
+        """The fixed start of the step files' names (``step`` for ``step{step:07d}``); empty: no pruning."""
+        return (self.filename or "").split("{")[0]
+
+    def _save_none_monitor_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        super()._save_none_monitor_checkpoint(trainer, monitor_candidates)
+        # save_top_k by directory, not only by Lightning's in-memory record: that record comes from the checkpoint
+        # this attempt resumed, so step files a killed attempt wrote after it would stay forever.
+        if trainer.is_global_zero and self.save_top_k > 0 and self.dirpath and self.step_prefix():
+            prune_step_checkpoints(self.dirpath, self.step_prefix(), self.save_top_k, trainer.global_step)

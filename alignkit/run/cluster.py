@@ -129,11 +129,26 @@ def module_classes(paths: list[str]) -> set[type]:
     return {get_class(p) for p in paths}
 
 
+# Encoder options that change neither the weights' meaning nor the computation; every other one (model,
+# pretrained, force_quick_gelu, image_mean, locked groups, tower specs, ...) must match on resume.
+ENCODER_OPTIONS_FREE_ON_RESUME = ("cache_dir", "grad_checkpointing")
+
+
+def encoder_identity(encoder_cfg: DictConfig | dict) -> dict[str, Any]:
+    """The encoder config (resolved, plain values) minus the options that may change on resume."""
+    plain = (
+        OmegaConf.to_container(encoder_cfg, resolve=True)
+        if isinstance(encoder_cfg, DictConfig)
+        else encoder_cfg
+    )
+    return {k: v for k, v in dict(plain).items() if k not in ENCODER_OPTIONS_FREE_ON_RESUME}
+
+
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
     """What a checkpoint must share with the run that resumes it (stored under ``checkpoint["alignkit_run"]``)."""
     return {
         "task_name": str(cfg.get("task_name", "")),
-        "encoder": {k: cfg.encoder.get(k) for k in ("model", "pretrained") if k in cfg.encoder},
+        "encoder": encoder_identity(cfg.encoder),
         "loss": str(cfg.loss.get("_target_", "")),
     }
 
@@ -154,6 +169,13 @@ def check_checkpoint_compatible(ckpt_path: str | Path, module: torch.nn.Module, 
         for k in ("task_name", "loss"):
             if saved_run.get(k) != now.get(k):
                 problems.append(f"{k}: checkpoint {saved_run.get(k)!r} vs this run {now.get(k)!r}")
+        # only the options the checkpoint recorded (older checkpoints hold model and pretrained)
+        saved_opts, now_opts = saved_run.get("encoder") or {}, now["encoder"]
+        for k in sorted(k for k in saved_opts if k not in ENCODER_OPTIONS_FREE_ON_RESUME):
+            if saved_opts.get(k) != now_opts.get(k):
+                problems.append(
+                    f"encoder.{k}: checkpoint {saved_opts.get(k)!r} vs this run {now_opts.get(k)!r}"
+                )
     sd = ckpt.get("state_dict", {})
     # Weights a module deliberately leaves out of its checkpoints (a frozen teacher, frozen towers) are rebuilt
     # from their source on load, so they are neither missing nor unexpected.

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from alignkit.callbacks.nonfinite import NonFiniteError
 from alignkit.eval.report import METRICS_FILE, load_history
 from alignkit.run import cluster  # registers the ${ak_slurm:...} / ${ak_sweep_id:} resolvers
-from alignkit.run.checkpointing import resolve_ckpt_path
+from alignkit.run.checkpointing import clean_temp_parts, resolve_ckpt_path
 from alignkit.run.export import EXPORT_DIR, export_module
 from alignkit.run.preflight import preflight
 
@@ -75,8 +76,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by a composed config; returns a summary (final metrics, paths)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Settings and writable directories first: a bad value fails in seconds, before any data or model is loaded.
+    started = time.time()
     preflight(cfg)
     run_dir = Path(cfg.paths.output_dir)
+    ckpt_cfg = (cfg.get("callbacks") or {}).get("checkpoint") or {}
+    ckpt_dir = Path(ckpt_cfg.get("dirpath") or run_dir / "checkpoints")
+    if (
+        rank_zero_only.rank == 0
+    ):  # parts of writes a killed attempt left (never this attempt's: older than start)
+        for folder in (ckpt_dir, run_dir):
+            clean_temp_parts(folder, older_than=started)
     L.seed_everything(cfg.seed, workers=True)
 
     # Data first: a missing path or empty shard list fails before any model is built.
@@ -114,7 +123,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.max_steps,
     )
     save_run_files(cfg, run_dir)
-    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    step_prefix = str(ckpt_cfg.get("filename") or "").split("{")[0]
+    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir, ckpt_dir, step_prefix)
     if ckpt is not None:
         cluster.check_checkpoint_compatible(ckpt, module, cfg)
     handovers = [c for c in trainer.callbacks if hasattr(c, "hand_over")]
