@@ -157,3 +157,17 @@ def test_shard_specs_accept_globs(tmp_path):
     assert both == [*urls, str(tmp_path / "b" / "00000.tar")]
     with pytest.raises(FileNotFoundError, match=r"no file matches.*\*\.tgz"):
         expand_urls(str(tmp_path / "a" / "*.tgz"))
+
+
+def test_smoke_with_webdataset_counts_the_shards_it_is_given(tmp_path):
+    from conftest import compose_train
+    from hydra.utils import instantiate
+
+    write_shards(tmp_path / "shards", [8, 12])
+    smoke = compose_train(["+experiment=smoke"])
+    assert smoke.data.num_samples == 512  # synthetic's own default still applies
+    cfg = compose_train(
+        ["+experiment=smoke", "data=webdataset", f"data.train_shards={tmp_path}/shards/*.tar"]
+    )
+    assert cfg.data.num_samples is None
+    assert instantiate(cfg.data).dataset_size() == 20
