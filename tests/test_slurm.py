@@ -5,6 +5,7 @@ The cluster is started by this module (and stopped at the end); if it cannot sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -255,3 +256,21 @@ def test_submitit_job_signalled_with_usr2_is_requeued_by_submitit_and_resumes(sl
     whole = launcher_log("signalled", tail=0)
     assert re.search(rf"Requeued job {job}\b", whole), whole[-3000:]  # by submitit, not by alignkit
     _assert_trained_alike((tmp_path / "ref", runs["ref"]), (tmp_path / "signalled", runs["signalled"]))
+
+
+def test_up_works_after_the_daemons_were_killed(slurm):
+    # What an interrupted test run leaves: the pid file lists daemons that are all dead (kill -9, no clean-up).
+    # Last in this file: the cluster is restarted by the test itself.
+    state = Path(os.environ.get("SLURM_CI_DIR", "/tmp/alignkit-slurm"))
+    pids = [int(line.split()[1]) for line in (state / "pids").read_text().splitlines() if line.strip()]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+    end = time.monotonic() + 30
+    while time.monotonic() < end and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.2)
+    res = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "localhost_cluster: up" in res.stdout
+    idle = subprocess.run(["sinfo", "-h", "-n", "localhost", "-o", "%t"], capture_output=True, text=True)
+    assert idle.stdout.strip() == "idle"
