@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from alignkit.data.samples import IMAGE_KEYS, TEXT_KEYS, decode_image
+from alignkit.data.samples import IMAGE_KEYS, TEXT_KEYS, BadSample, decode_caption, decode_image
 from alignkit.features.cache import unique_with_index
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,13 @@ def _image_key(sample: dict, key: str) -> str:
     return ext
 
 
-def _captions(raw: bytes | str, mode: str) -> list[str]:
-    text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+def _captions(raw: bytes | str, mode: str, key: str = "?") -> list[str]:
+    """Caption lines; ``[]`` (the sample is skipped and counted) when the bytes are not UTF-8."""
+    try:
+        text = decode_caption(raw, key)
+    except BadSample as e:
+        log.warning("%s", e)
+        return []
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[:1] if mode == "first" else lines
 
@@ -129,7 +134,7 @@ def read_pairs(
     if source == "webdataset":
         for url, key, sample in _iter_shards(urls):
             tk = next((k for k in TEXT_KEYS if k in sample), None)
-            lines = _captions(sample[tk], captions) if tk else []
+            lines = _captions(sample[tk], captions, f"{key} in {url}") if tk else []
             if not lines or not any(k in sample for k in IMAGE_KEYS):
                 skipped += 1
                 continue
@@ -179,7 +184,7 @@ def read_pairs(
     else:
         raise ValueError(f"data.source={source!r} is not one of webdataset, csv, synthetic")
     if skipped:
-        log.warning("%d samples without an image or a caption were skipped", skipped)
+        log.warning("%d samples without an image or a (UTF-8) caption were skipped", skipped)
     if not refs:
         raise ValueError(f"no usable image-caption pairs in {name}")
 
