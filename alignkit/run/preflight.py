@@ -50,11 +50,14 @@ class ConfigError(ValueError):
 
 
 def preflight(cfg: DictConfig) -> None:
-    """All start-up checks; raises :class:`ConfigError` listing every problem found."""
-    problems = check_types(cfg) + check_values(cfg)
+    """All start-up checks; raises :class:`ConfigError` listing every problem found.
+
+    Directories are probed first: that needs no import, while the type check imports every ``_target_`` (the
+    imports a run makes anyway, but tens of seconds on a loaded machine)."""
+    check_writable(cfg)
+    problems = check_values(cfg) + check_types(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-    check_writable(cfg)
 
 
 # ----- types -----
