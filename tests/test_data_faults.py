@@ -174,7 +174,7 @@ def test_smoke_with_webdataset_counts_the_shards_it_is_given(tmp_path):
 
 
 def test_structure_pair_table_skips_a_non_utf8_caption(tmp_path):
-    from alignkit.structure.pairs import read_pairs
+    from alignkit.data.pair_table import read_pairs
 
     urls = write_shards(tmp_path, [6], bad={"000000002": {"txt": LATIN1}})
     table = read_pairs("webdataset", urls=urls, captions="first")
