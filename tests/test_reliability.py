@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import REPO, compose_train
 
 from alignkit.callbacks.nonfinite import NonFiniteError
 from alignkit.run.preflight import ConfigError
@@ -97,3 +97,11 @@ def test_skip_action_drops_only_the_broken_step(tmp_path):
 
     weights = load_file(tmp_path / "run" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml")))
+def test_every_shipped_experiment_passes_the_checks(name):
+    from alignkit.run.preflight import check_types, check_values
+
+    cfg = compose_train([f"+experiment={name}"])
+    assert check_values(cfg) + check_types(cfg) == []
