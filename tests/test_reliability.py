@@ -105,3 +105,31 @@ def test_every_shipped_experiment_passes_the_checks(name):
 
     cfg = compose_train([f"+experiment={name}"])
     assert check_values(cfg) + check_types(cfg) == []
+
+
+def test_with_fp16_loss_scaling_an_overflowing_gradient_is_left_to_the_scaler():
+    from types import SimpleNamespace
+
+    from alignkit.callbacks.nonfinite import NonFiniteGuard
+
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([1.0, float("inf"), 0.0])  # a scaled gradient that overflowed
+    opt = torch.optim.SGD([p], lr=0.1)
+    trainer = SimpleNamespace(
+        precision_plugin=SimpleNamespace(scaler=object()),
+        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+        global_step=7,
+        current_epoch=0,
+        global_rank=0,
+    )
+    module = SimpleNamespace(last_loss_terms={"loss": torch.tensor(2.0), "loss_rafa": torch.tensor(1.0)})
+    guard = NonFiniteGuard()
+    guard.on_before_optimizer_step(trainer, module, opt)  # the scaler skips this step itself
+    assert p.grad is not None
+    module.last_loss_terms["loss_rafa"] = torch.tensor(float("nan"))
+    with pytest.raises(NonFiniteError, match=r"step 7 .*loss_rafa=nan"):
+        guard.on_before_optimizer_step(trainer, module, opt)
+    trainer.precision_plugin = SimpleNamespace()  # no scaler: the gradient decides
+    module.last_loss_terms["loss_rafa"] = torch.tensor(1.0)
+    with pytest.raises(NonFiniteError, match="non-finite gradient at step 7"):
+        guard.on_before_optimizer_step(trainer, module, opt)

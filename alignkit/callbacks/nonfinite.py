@@ -63,10 +63,19 @@ class NonFiniteGuard(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        if grads_finite(params):
+        terms = None
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            # fp16 loss scaling: overflowing gradients are routine (the scaler skips those steps and lowers the
+            # scale), so decide on the loss terms instead, agreed across ranks (one tiny all-reduce).
+            terms = nonfinite_terms(getattr(pl_module, "last_loss_terms", None))
+            bad = trainer.strategy.reduce_boolean_decision(bool(terms), all=False)
+        else:
+            bad = not grads_finite(params)
+        if not bad:
             self._in_a_row = 0
             return
-        terms = nonfinite_terms(getattr(pl_module, "last_loss_terms", None))
+        if terms is None:
+            terms = nonfinite_terms(getattr(pl_module, "last_loss_terms", None))
         what = ", ".join(terms) if terms else "loss finite on this rank (another rank's was not)"
         where = f"step {trainer.global_step} (epoch {trainer.current_epoch}, rank {trainer.global_rank})"
         self._in_a_row += 1
