@@ -86,7 +86,7 @@ def test_nan_loss_stops_naming_the_step_and_terms_and_exports_nothing(tmp_path):
         match=r"step 3 \(epoch 1, rank 0\); non-finite loss terms: loss_rafa=nan.*loss_hycd=nan",
     ):
         train(_poisoned(tmp_path, "stop"))
-    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / "open_clip").exists()
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
@@ -95,7 +95,7 @@ def test_skip_action_drops_only_the_broken_step(tmp_path):
     assert summary["global_step"] == 6 and summary["nonfinite_skipped_steps"] == 1
     from safetensors.torch import load_file
 
-    weights = load_file(tmp_path / "run" / "model.safetensors")
+    weights = load_file(tmp_path / "run" / "open_clip" / "open_clip_model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
