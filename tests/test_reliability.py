@@ -99,11 +99,15 @@ def test_skip_action_drops_only_the_broken_step(tmp_path):
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml")))
-def test_every_shipped_experiment_passes_the_checks(name):
+SHIPPED = [f"+experiment={p.stem}" for p in sorted((REPO / "configs" / "experiment").glob("*.yaml"))]
+SHIPPED += [f"loss={p.stem}" for p in sorted((REPO / "configs" / "loss").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("choice", SHIPPED)
+def test_every_shipped_experiment_and_loss_passes_the_checks(choice):
     from alignkit.run.preflight import check_types, check_values
 
-    cfg = compose_train([f"+experiment={name}"])
+    cfg = compose_train([choice] if choice.startswith("+") else ["+experiment=smoke", choice])
     assert check_values(cfg) + check_types(cfg) == []
 
 
