@@ -14,8 +14,8 @@ import torch
 from conftest import REPO, compose_train
 
 from alignkit.encoders.openclip import register_shipped_configs
-from alignkit.eval_entry import evaluate
-from alignkit.hub import preprocess_cfg_of, write_open_clip_dir
+from alignkit.eval.entry import evaluate
+from alignkit.run.hub import preprocess_cfg_of, write_open_clip_dir
 
 pytestmark = pytest.mark.slow
 CLIP_BENCHMARK = Path(sys.executable).parent / "clip_benchmark"

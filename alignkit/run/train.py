@@ -14,10 +14,17 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from alignkit.eval.report import METRICS_FILE, load_history
+from alignkit.eval.report import METRICS_FILE, REPORT_FILE, load_history
 from alignkit.run import cluster  # registers the ${ak_slurm:...} / ${ak_sweep_id:} resolvers
 from alignkit.run.checkpointing import resolve_ckpt_path
 from alignkit.run.export import EXPORT_DIR, export_module
+from alignkit.run.loggers import (
+    flat_hparams,
+    link_loggers_in_report,
+    log_final_metrics,
+    log_run_config,
+    logger_locations,
+)
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")  # the repository's configs/
@@ -95,10 +102,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     handovers = [c for c in trainer.callbacks if hasattr(c, "hand_over")]
     for c in handovers:
         c.defer_handover = True  # submitit's requeue handler exits: call it after the summary is written
+    # The resolved config as flat hyperparameters (optimizer.lr, ...): in the checkpoints' hyper_parameters, the
+    # wandb config and hparams.yaml now, TensorBoard's hparams view with the final metrics at the end.
+    hparams = flat_hparams(OmegaConf.to_container(cfg, resolve=True))
+    module.save_hyperparameters(hparams, logger=False)
+    if trainer.is_global_zero:
+        log_run_config(trainer.loggers, hparams)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     preempted = any(getattr(c, "preempted", False) for c in trainer.callbacks)
 
-    finish_loggers(trainer)
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
         "global_step": trainer.global_step,
@@ -106,6 +118,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "preempted": preempted,
     }
+    if trainer.is_global_zero and trainer.loggers:
+        log_final_metrics(trainer.loggers, hparams, summary["metrics"], trainer.global_step)
+        summary["loggers"] = logger_locations(trainer.loggers)
+        link_loggers_in_report(run_dir / REPORT_FILE, summary["loggers"])
+    finish_loggers(trainer)
     if preempted:  # last.ckpt is written; the requeued job resumes it (no export of a half-trained model)
         save_run_files(cfg, run_dir, summary)
         for c in handovers:
