@@ -12,7 +12,7 @@ setup: ## virtualenv with pinned torch 2.14.1 / torchvision 0.29.1 and every tes
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c requirements/constraints.txt torch==2.14.1 torchvision==0.29.1
 	# benchmark: the clip_benchmark CLI (its metric functions are also the tests' independent reference)
-	$(BIN)/pip install -q -c requirements/constraints.txt -e '.[slurm,offline-assets,eval,benchmark,test,lint]'
+	$(BIN)/pip install -q -c requirements/constraints.txt -e '.[slurm,offline-assets,eval,benchmark,sweep,test,lint]'
 	$(MAKE) data
 
 data: ## real offline data from Debian (Fashion-MNIST, openclipart) used by tests and the demo

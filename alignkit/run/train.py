@@ -143,9 +143,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def objective(cfg: DictConfig, summary: dict[str, Any]) -> float | None:
+    """``cfg.optimized_metric`` from the run's final metrics (what a sweeper such as Optuna maximises)."""
+    name = cfg.get("optimized_metric")
+    if not name or summary.get("preempted"):
+        return None
+    metrics = summary["metrics"]
+    if name not in metrics:
+        raise ValueError(
+            f"optimized_metric={name!r} was not logged by this run; its final metrics are {sorted(metrics)}. "
+            f"Pick one of those (evaluation metrics need evalsets=[...])."
+        )
+    return float(metrics[name])
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
-    train(cfg)
+def main(cfg: DictConfig) -> float | None:
+    return objective(cfg, train(cfg))
 
 
 if __name__ == "__main__":
