@@ -14,7 +14,9 @@ class BuildPyWithConfigs(build_py):
     def run(self) -> None:
         super().run()
         if not self.editable_mode:  # an editable install reads <repo>/configs directly
-            shutil.copytree(Path("configs"), Path(self.build_lib) / "alignkit" / "configs", dirs_exist_ok=True)
+            shutil.copytree(
+                Path("configs"), Path(self.build_lib) / "alignkit" / "configs", dirs_exist_ok=True
+            )
 
 
 setup(cmdclass={"build_py": BuildPyWithConfigs})

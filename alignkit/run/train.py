@@ -29,7 +29,9 @@ from alignkit.run.loggers import (
 log = logging.getLogger(__name__)
 # A checkout (or editable install) reads <repo>/configs; an installed wheel carries them as alignkit/configs.
 _PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-CONFIG_DIR = str(_PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else Path(__file__).resolve().parents[2] / "configs")
+CONFIG_DIR = str(
+    _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else Path(__file__).resolve().parents[2] / "configs"
+)
 
 
 def build_loggers(cfg: DictConfig) -> list:
