@@ -11,10 +11,8 @@ export WANDB_MODE ?= offline
 setup: ## virtualenv with pinned torch 2.14.1 / torchvision 0.29.1 and every test/lint/offline-asset extra
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c requirements/constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -c requirements/constraints.txt -e '.[slurm,offline-assets,eval,test,lint]'
-	# CLIP_benchmark's metric functions are the tests' independent reference; --no-deps: its other needs
-	# (pycocoevalcap for captioning metrics) are not used and would pull Java tooling.
-	$(BIN)/pip install -q --no-deps clip-benchmark==1.6.2
+	# benchmark: the clip_benchmark CLI (its metric functions are also the tests' independent reference)
+	$(BIN)/pip install -q -c requirements/constraints.txt -e '.[slurm,offline-assets,eval,benchmark,sweep,test,lint]'
 	$(MAKE) data
 
 data: ## real offline data from Debian (Fashion-MNIST, openclipart) used by tests and the demo

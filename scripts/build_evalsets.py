@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 from PIL import Image
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from alignkit.data.offline_pairs import (
@@ -74,7 +75,7 @@ def _prepare(root: Path, overwrite: bool) -> Path:
 def _write_shards(root: Path, samples: Iterable[dict], shard_size: int) -> int:
     count = 0
     with wds.ShardWriter(str(root / "test" / "%d.tar"), maxcount=shard_size, verbose=0) as sink:
-        for sample in samples:
+        for sample in tqdm(samples, desc=f"{root.name}", unit="img"):
             sink.write(sample)
             count += 1
     if count == 0:

@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""Turn local images + captions into img2dataset-layout webdataset shards with sizes.json.
+"""Turn local images + captions into img2dataset-layout webdataset shards (+ *_stats.json and sizes.json).
+
+Each sample holds .jpg (re-encoded, like img2dataset; --keep-format keeps the files' own bytes), .txt and .json
+(source path, caption, size). An output folder that already holds shards is refused unless --overwrite, which
+removes the old shards first.
 
 Sources:
   --csv pairs.csv [--image-col image --caption-col caption]   one row per (image, caption); rows of the same
@@ -69,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--per-shard", type=int, default=1000)
     p.add_argument("--shuffle-seed", type=int, default=None, help="shuffle the image order before sharding")
+    p.add_argument(
+        "--keep-format", action="store_true", help="store image files as they are (no JPEG re-encode)"
+    )
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of the re-encoded images")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards already in --out")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if a.coco is not None and a.images is None:
@@ -87,9 +96,20 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("no usable (image, caption) pairs")
     if a.shuffle_seed is not None:
         random.Random(a.shuffle_seed).shuffle(items)
-    shards = write_shards(items, a.out, samples_per_shard=a.per_shard)
+    try:
+        shards = write_shards(
+            items,
+            a.out,
+            samples_per_shard=a.per_shard,
+            keep_format=a.keep_format,
+            quality=a.quality,
+            overwrite=a.overwrite,
+            total=len(items),
+        )
+    except FileExistsError as err:
+        raise SystemExit(f"{err}") from err
     log.info(
-        "wrote %d samples in %d shard(s) to %s (+ sizes.json); skipped %d",
+        "wrote %d samples in %d shard(s) to %s (+ *_stats.json, sizes.json); skipped %d",
         len(items),
         len(shards),
         a.out,

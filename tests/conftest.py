@@ -48,4 +48,4 @@ def synthetic_shards(out_dir: Path, n: int, per_shard: int, seed: int = 0) -> li
     from alignkit.data.synthetic import SyntheticShapes
 
     ds = SyntheticShapes(transform=None, num_samples=n, image_size=32, seed=seed)
-    return write_shards((ds.item(i) for i in range(n)), out_dir, samples_per_shard=per_shard)
+    return write_shards((ds.item(i) for i in range(n)), out_dir, samples_per_shard=per_shard, overwrite=True)

@@ -34,7 +34,8 @@ def test_shards_read_completely_and_once_across_two_workers(tmp_path, tiny_encod
     )
     assert dm.dataset_size() == 64 and dm.steps_per_epoch(1) == 8
     keys = [k for batch in dm.train_dataloader() for k in batch["key"]]
-    assert len(keys) == 64 and sorted(keys) == [f"{i:09d}" for i in range(64)]
+    # img2dataset keys: shard number (5 digits) + index in the shard (4 digits)
+    assert len(keys) == 64 and sorted(keys) == [f"{i // 16:05d}{i % 16:04d}" for i in range(64)]
 
 
 def test_shuffled_epoch_still_reads_each_sample_once(tmp_path, tiny_encoder):
@@ -49,7 +50,7 @@ def test_shuffled_epoch_still_reads_each_sample_once(tmp_path, tiny_encoder):
     )
     batches = list(dm.train_dataloader())
     keys = [k for b in batches for k in b["key"]]
-    assert len(batches) == 8 and sorted(keys) == [f"{i:09d}" for i in range(48)]
+    assert len(batches) == 8 and sorted(keys) == [f"{i // 12:05d}{i % 12:04d}" for i in range(48)]
     assert keys != sorted(keys)  # the buffer really shuffled
     assert batches[0]["image"].shape == (6, 3, 32, 32) and batches[0]["text"].shape == (6, 16)
 
@@ -97,6 +98,9 @@ def test_epoch_size_from_sizes_json_stats_or_override(tmp_path):
     assert count_samples(urls, num_samples=12) == 12
     assert expand_urls(str(tmp_path)) == urls  # a directory means all its shards
     (tmp_path / "sizes.json").unlink()
+    assert count_samples(urls) == 30  # from the *_stats.json written next to each shard (img2dataset layout)
+    for p in tmp_path.glob("*_stats.json"):
+        p.unlink()
     with pytest.raises(ValueError, match="num_samples"):
         count_samples(urls)
     for i, u in enumerate(urls):

@@ -103,3 +103,13 @@ def test_evaluate_model_sorted_keys(tiny, cls_set, ret_set):
     assert list(m) == sorted(m)
     assert {"zs/a/top1", "zs/a/top5", "zs/a/mean_per_class_recall"} <= set(m)
     assert m["zs/a/top5"] == 1.0  # 3 classes: k clipped to 3
+
+
+def test_progress_bar_on_rank_zero_only(tiny, cls_set, capsys):
+    model, tok, pre = tiny
+    encode_eval_set_shard(model, tok, pre, cls_set, batch_size=4, rank=1, world_size=2)
+    assert "eval toy" not in capsys.readouterr().err  # other ranks stay quiet
+    encode_eval_set_shard(model, tok, pre, cls_set, batch_size=4, rank=0, world_size=2)
+    err = capsys.readouterr().err
+    # rank 0's slice: images 0, 2, 4, 6 and 3 of the 6 class prompts (0, 2, 4): 7 items
+    assert "eval toy" in err and "7/7" in err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -26,9 +25,9 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         final = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
         if final and self.save_last and self.dirpath and trainer.global_step != self._last_global_step_saved:
-            trainer.save_checkpoint(
-                str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
-            )
+            # Lightning's own last-checkpoint path: it records last_model_path and that `last` was saved, so its
+            # on_train_end does not write a second full copy (last-v1.ckpt) next to this one.
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             self._last_global_step_saved = trainer.global_step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

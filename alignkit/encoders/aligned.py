@@ -282,6 +282,15 @@ def export_open_clip(model: AlignedDualEncoder, out_dir: str | Path, card: str |
     from alignkit.run.hub import model_card, write_open_clip_dir
 
     cfg, pre, sd = open_clip_config(model)
+    crop = float(model.towers.data_cfg.get("crop_pct") or 1.0)
+    if crop < 1.0:
+        # open_clip's eval transform resizes the short side straight to the input size; timm's first resizes to
+        # size / crop_pct, then crops: the same image reaches the two models slightly differently framed.
+        log.warning(
+            "open_clip export: open_clip's eval transform has no crop_pct; alignkit's timm transform used "
+            "crop_pct=%.3f, so open_clip-preprocessed images are framed slightly wider than in training",
+            crop,
+        )
     t = model.towers
     hub_id, source = text_tower_hub_id(t.text_spec)
     if card is None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from tqdm import tqdm
 
 from alignkit.data.evalsets import ClassificationSet, EvalSet
 from alignkit.metrics import (
@@ -111,14 +112,22 @@ def encode_eval_set_shard(
     model.eval()
     try:
         img_parts, txt_parts = [], []
+        # one bar per set on rank 0 (its slice stands for every rank's); leave=False: gone once the set is done
+        bar = tqdm(
+            total=len(img_idx) + len(txt_idx), desc=f"eval {evalset.name}", unit="item", disable=rank != 0,
+            leave=False,
+        )  # fmt: skip
         for s in range(0, len(img_idx), batch_size):
             batch = torch.stack([preprocess(evalset.images[int(i)]) for i in img_idx[s : s + batch_size]])
             with amp:
                 img_parts.append(model.encode_image(batch.to(device)).float().cpu())
+            bar.update(len(batch))
         for s in range(0, len(txt_idx), batch_size):
             tokens = tokenizer([texts[int(i)] for i in txt_idx[s : s + batch_size]])
             with amp:
                 txt_parts.append(model.encode_text(tokens.to(device)).float().cpu())
+            bar.update(len(tokens))
+        bar.close()
     finally:
         model.train(was_training)
     # A rank with an empty slice still needs the embedding width to build (0, d) tensors.

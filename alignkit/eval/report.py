@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -198,7 +199,8 @@ def plot_embeddings(panels: Mapping[str, EncodedEvalSet], path: str | Path, titl
         ax.set_ylabel("PC 2")
     axes[0].legend(loc="best", fontsize=7)
     if title:
-        fig.suptitle(title)
+        # wrapped to the figure's width: a one-panel figure (eval.py) is too narrow for a long title on one line
+        fig.suptitle(textwrap.fill(title, width=int(11 * 4.2 * len(projs))), fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -113,16 +113,21 @@ def write_scores(
         for a, li in enumerate(ids_img):
             for b, lt in enumerate(ids_txt):
                 w.writerow([li, lt, names_img[a], names_txt[b], f"{float(scores[a, b]):.6f}"])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * len(ids_txt), 1.0 + 0.3 * len(ids_img)))
+    # at least 6 x 4.5 in, so a handful of layers still leaves room for the title, legend and labels
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.0 + 0.35 * len(ids_txt)), max(4.5, 1.8 + 0.3 * len(ids_img))))
     im = ax.imshow(scores.numpy(), origin="lower", aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(ids_txt)), names_txt, rotation=90, fontsize=6)
-    ax.set_yticks(range(len(ids_img)), names_img, fontsize=6)
+    ax.set_xticks(range(len(ids_txt)), names_txt, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
+    ax.set_yticks(range(len(ids_img)), names_img, fontsize=8)
     ax.set_xlabel("text layer")
     ax.set_ylabel("image layer")
+    ax.set_title(f"Layer-pair alignment ({metric}) between the image and text towers", fontsize=10)
     if chosen is not None:
-        ax.scatter([chosen[1]], [chosen[0]], marker="*", s=120, c="red")
+        a, b = chosen
+        label = f"selected: image {names_img[a]} / text {names_txt[b]} ({float(scores[a, b]):.3f})"
+        ax.scatter([b], [a], marker="*", s=160, c="red", edgecolors="white", linewidths=0.8, label=label)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), fontsize=8, frameon=False)
     fig.colorbar(im, ax=ax, label=metric)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    fig.savefig(png_path, dpi=120, bbox_inches="tight")  # keeps the legend below the axes in the image
     plt.close(fig)
     return csv_path, png_path

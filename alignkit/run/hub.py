@@ -169,7 +169,8 @@ def model_card(
         "```",
         "",
         "After `huggingface-cli upload USER/REPO PATH/TO/THIS/DIR`, `hf-hub:USER/REPO` loads the same model.",
-        "CLIP_benchmark: `clip_benchmark eval --model local-dir:PATH/TO/THIS/DIR --pretrained '' ...`.",
+        "CLIP_benchmark: `clip_benchmark eval --model local-dir:PATH/TO/THIS/DIR --dataset wds/NAME "
+        "--dataset_root DIR --task zeroshot_classification --output result.json`.",
         "",
     ]
     if notes:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
 
@@ -41,3 +43,66 @@ def wandb_logger(
         tags=list(tags or []),
         group=group,
     )
+
+
+def flat_hparams(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The resolved run config as ``{"optimizer.lr": 0.001, ...}``: one level of dotted keys, which wandb and
+    TensorBoard both list, filter and compare by (nested dicts would become ``optimizer/lr`` in TensorBoard)."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flat_hparams(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def log_run_config(loggers: Sequence[Any], hparams: Mapping[str, Any]) -> None:
+    """The flat config into each logger before training: wandb's config, the CSV logger's hparams.yaml.
+
+    TensorBoard keeps only the *first* hparams record of a run (its SummaryWriter drops later ones with the same
+    tag), and that record must already name the metrics to show beside the config; so TensorBoard gets its hparams
+    record once, at the end, with the final metrics (:func:`log_final_metrics`). Its hparams.yaml is written now."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for lg in loggers:
+        if isinstance(lg, TensorBoardLogger):
+            lg.hparams.update(hparams)  # written to hparams.yaml by the logger's save()
+        else:
+            lg.log_hyperparams(dict(hparams))
+
+
+def log_final_metrics(
+    loggers: Sequence[Any], hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int
+) -> None:
+    """The end-of-training evaluation into the wandb run summary and TensorBoard's hparams view (rank 0)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    final = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and final:
+            lg.experiment.summary.update(final)
+        elif isinstance(lg, TensorBoardLogger):
+            # logged at the final step, where these values already are: the curves get no extra point
+            lg.log_hyperparams(dict(hparams), metrics=final or None, step=step)
+
+
+def logger_locations(loggers: Sequence[Any]) -> dict[str, str]:
+    """Where each logger wrote (for summary.json and the report): wandb run id/dir, TensorBoard/CSV log dirs."""
+    out: dict[str, str] = {}
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            run = lg.experiment
+            out["wandb"] = f"run {run.id} in {run.dir} (offline runs: `wandb sync {Path(run.dir).parent}`)"
+        elif getattr(lg, "log_dir", None):
+            out[type(lg).__name__] = str(lg.log_dir)
+    return out
+
+
+def link_loggers_in_report(report: Path, locations: Mapping[str, str]) -> None:
+    """Append where the loggers wrote to the run's ``report.md`` (when the evaluation callback wrote one)."""
+    if not report.is_file() or not locations:
+        return
+    lines = ["", "## Loggers", "", *[f"* **{name}:** {where}" for name, where in locations.items()], ""]
+    report.write_text(report.read_text().rstrip("\n") + "\n" + "\n".join(lines))

@@ -19,14 +19,25 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from alignkit.callbacks.nonfinite import NonFiniteError
-from alignkit.eval.report import METRICS_FILE, load_history
+from alignkit.eval.report import METRICS_FILE, REPORT_FILE, load_history
 from alignkit.run import cluster  # registers the ${ak_slurm:...} / ${ak_sweep_id:} resolvers
 from alignkit.run.checkpointing import clean_temp_parts, resolve_ckpt_path
 from alignkit.run.export import EXPORT_DIR, export_module
+from alignkit.run.loggers import (
+    flat_hparams,
+    link_loggers_in_report,
+    log_final_metrics,
+    log_run_config,
+    logger_locations,
+)
 from alignkit.run.preflight import preflight
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")  # the repository's configs/
+# A checkout (or editable install) reads <repo>/configs; an installed wheel carries them as alignkit/configs.
+_PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = str(
+    _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else Path(__file__).resolve().parents[2] / "configs"
+)
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -130,11 +141,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     handovers = [c for c in trainer.callbacks if hasattr(c, "hand_over")]
     for c in handovers:
         c.defer_handover = True  # submitit's requeue handler exits: call it after the summary is written
+    # The resolved config as flat hyperparameters (optimizer.lr, ...): in the checkpoints' hyper_parameters, the
+    # wandb config and hparams.yaml now, TensorBoard's hparams view with the final metrics at the end.
+    hparams = flat_hparams(OmegaConf.to_container(cfg, resolve=True))
+    module.save_hyperparameters(hparams, logger=False)
+    if trainer.is_global_zero:
+        log_run_config(trainer.loggers, hparams)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     stopper = next((c for c in trainer.callbacks if getattr(c, "preempted", False)), None)
     preempted = stopper is not None
 
-    finish_loggers(trainer)
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
         "global_step": trainer.global_step,
@@ -148,6 +164,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "requeued": bool(getattr(stopper, "requeued", False)),
         "nonfinite_skipped_steps": sum(getattr(c, "skipped_steps", 0) for c in trainer.callbacks),
     }
+    if trainer.is_global_zero and trainer.loggers:
+        log_final_metrics(trainer.loggers, hparams, summary["metrics"], trainer.global_step)
+        summary["loggers"] = logger_locations(trainer.loggers)
+        link_loggers_in_report(run_dir / REPORT_FILE, summary["loggers"])
+    finish_loggers(trainer)
     if preempted:  # last.ckpt is written; the requeued job resumes it (no export of a half-trained model)
         save_run_files(cfg, run_dir, summary)
         for c in handovers:
@@ -169,14 +190,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def objective(cfg: DictConfig, summary: dict[str, Any]) -> float | None:
+    """``cfg.optimized_metric`` from the run's final metrics (what a sweeper such as Optuna maximises)."""
+    name = cfg.get("optimized_metric")
+    if not name or summary.get("preempted"):
+        return None
+    metrics = summary["metrics"]
+    if name not in metrics:
+        raise ValueError(
+            f"optimized_metric={name!r} was not logged by this run; its final metrics are {sorted(metrics)}. "
+            f"Pick one of those (evaluation metrics need evalsets=[...])."
+        )
+    return float(metrics[name])
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
-    code = exit_code(train(cfg))
+def main(cfg: DictConfig) -> float | None:
+    summary = train(cfg)
+    code = exit_code(summary)
     if code:
         log.error(
             "run interrupted before the end (last.ckpt written; resume with ckpt_path=auto): exit %d", code
         )
         sys.exit(code)
+    return objective(cfg, summary)
 
 
 if __name__ == "__main__":
