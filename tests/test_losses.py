@@ -65,6 +65,45 @@ def test_infonce_fixed_temperature_and_learnable_scale():
         InfoNCE(logit_scale="model")({"image_features": img, "text_features": txt})
 
 
+def _one_sgd_step_on_scale(img, txt, **kw):
+    """One SGD step on a learnable scale; returns (scale before, scale after) as the loss applies them."""
+    loss_fn = InfoNCE(normalize=True, logit_scale="learnable", **kw)
+    before = float(loss_fn.scaler({}).detach())
+    opt = torch.optim.SGD(loss_fn.parameters(), lr=0.1)
+    loss_fn({"image_features": img, "text_features": txt})["loss"].backward()
+    opt.step()
+    return before, float(loss_fn.scaler({}).detach())
+
+
+def _close_pairs(seed=0, b=8, d=16):
+    """Unit features that share a large common part, so cosines differ by a few 1e-2 and scale 100 does not
+    saturate the softmax."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(d, generator=g)
+    return common + 0.1 * torch.randn(b, d, generator=g)
+
+
+def test_learnable_scale_trains_from_100_in_both_directions():
+    img = _close_pairs()
+    # Matched pairs: the positive is each row's best logit, so a sharper softmax lowers the loss -> scale grows.
+    before, after = _one_sgd_step_on_scale(img, img.clone(), init_logit_scale=100.0)
+    assert before == pytest.approx(100.0, rel=1e-6)
+    assert after > before * (1 + 1e-4)
+    # Shuffled pairs: each positive sits below the softmax mean of its row -> a softer softmax helps, scale shrinks.
+    before, after = _one_sgd_step_on_scale(img, img.roll(1, dims=0), init_logit_scale=100.0)
+    assert after < before * (1 - 1e-4)
+    # An explicit cap above the start leaves the scale free to move, and clamps it once reached.
+    _, after = _one_sgd_step_on_scale(img, img.clone(), init_logit_scale=100.0, max_logit_scale=150.0)
+    assert 100.0 < after <= 150.0
+    capped = InfoNCE(logit_scale="learnable", init_logit_scale=100.0, max_logit_scale=150.0)
+    with torch.no_grad():
+        capped.scaler.log_scale.fill_(math.log(400.0))
+    assert float(capped.scaler({}).detach()) == pytest.approx(150.0)
+    # A cap at the start would freeze the scale (exp(log 100) > 100 in fp32): refused with the fix in the message.
+    with pytest.raises(ValueError, match="max_logit_scale=null"):
+        InfoNCE(logit_scale="learnable", init_logit_scale=100.0, max_logit_scale=100.0)
+
+
 def softmax_rows(m, t):
     return [[math.exp(x / t) / sum(math.exp(y / t) for y in row) for x in row] for row in m]
 
