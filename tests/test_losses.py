@@ -200,11 +200,17 @@ def test_hycd_reverse_kl_and_teacher_required():
 def test_feature_and_logit_distillation():
     out = hycd_out(5)
     fd = FeatureDistillation()(out)["loss"].item()
-    want = 0.5 * (
-        ((out["image_features"] - out["teacher_image_features"]) ** 2).mean()
-        + ((out["text_features"] - out["teacher_text_features"]) ** 2).mean()
-    )
-    assert fd == pytest.approx(want.item(), rel=1e-6)
+    # Released fd: mse(img, img_t) + mse(txt, txt_t), each the mean over all B*d elements, summed over modalities.
+    (b, d), total = out["image_features"].shape, 0.0
+    for s, t in (("image_features", "teacher_image_features"), ("text_features", "teacher_text_features")):
+        total += sum((float(out[s][i, j]) - float(out[t][i, j])) ** 2 for i in range(b) for j in range(d)) / (
+            b * d
+        )
+    assert fd == pytest.approx(total, rel=1e-6)
+    fd_mean = FeatureDistillation(modality_reduction="mean")(out)["loss"].item()
+    assert fd_mean == pytest.approx(total / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="modality_reduction"):
+        FeatureDistillation(modality_reduction="avg")
     ld = LogitDistillation()(out)["loss"].item()
     s = out["image_features"] @ out["text_features"].T
     st = out["teacher_image_features"] @ out["teacher_text_features"].T

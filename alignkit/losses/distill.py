@@ -105,13 +105,19 @@ class HybridDistillation(nn.Module):
 
 
 class FeatureDistillation(nn.Module):
-    """Released ``fd``: mean-reduced MSE between student and teacher features, averaged over the two modalities."""
+    """Released ``fd``: mean-reduced MSE between student and teacher features, per modality.
+
+    ``modality_reduction="sum"`` (default) is the released value mse(img, img_t) + mse(txt, txt_t);
+    ``"mean"`` averages the two modalities (half of it: port a weight by a factor 2 between the two).
+    """
 
     requires_teacher = True
 
-    def __init__(self, normalize: bool = False) -> None:
+    def __init__(self, normalize: bool = False, modality_reduction: Literal["sum", "mean"] = "sum") -> None:
         super().__init__()
+        check_choice("modality_reduction", modality_reduction, ("sum", "mean"))
         self.normalize = normalize
+        self.modality_reduction = modality_reduction
 
     def forward(self, out: dict) -> dict[str, torch.Tensor]:
         n = self.normalize
@@ -123,7 +129,8 @@ class FeatureDistillation(nn.Module):
             maybe_normalize(out["text_features"], n),
             maybe_normalize(_teacher(out, "teacher_text_features"), n),
         )
-        return {"loss": 0.5 * (li + lt), "image": li.detach(), "text": lt.detach()}
+        loss = li + lt if self.modality_reduction == "sum" else 0.5 * (li + lt)
+        return {"loss": loss, "image": li.detach(), "text": lt.detach()}
 
 
 class LogitDistillation(nn.Module):
