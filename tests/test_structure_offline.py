@@ -119,7 +119,7 @@ def test_real_towers_cache_and_select(effnet, tmp_path):
     text = load_minilm()
     with torch.no_grad():
         txt = text.forward_layers([p[1] for p in pairs])
-    i, j, scores = select_layers(
+    i, j, scores, _ = select_layers(
         {lv: img.rows(lv, slice(None)) for lv in img.layers}, txt, k=3, out_dir=tmp_path / "sel"
     )
     assert scores.shape == (tower.num_layers, text.num_layers)

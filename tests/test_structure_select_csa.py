@@ -25,7 +25,7 @@ def _planted(n=300, seed=0):
 @pytest.mark.parametrize("metric", ["mutual_knn", "linear_cka", "unbiased_cka"])
 def test_select_best_pair_and_outputs(tmp_path, metric):
     img, txt = _planted()
-    i, j, scores = select_layers(img, txt, n_samples=200, metric=metric, seed=1, out_dir=tmp_path)
+    i, j, scores, _ = select_layers(img, txt, n_samples=200, metric=metric, seed=1, out_dir=tmp_path)
     assert (i, j) == (1, 2) and scores.shape == (3, 4)
     rows = list(csv.DictReader((tmp_path / "layer_scores.csv").read_text().splitlines()))
     assert len(rows) == 12 and float(rows[1 * 4 + 2][metric]) == pytest.approx(float(scores[1, 2]), abs=1e-6)
@@ -35,11 +35,11 @@ def test_select_best_pair_and_outputs(tmp_path, metric):
 
 def test_select_last_mode_and_input_forms():
     img, txt = _planted()
-    i, j, _ = select_layers(
+    i, j, _, _ = select_layers(
         {0: img[0], 5: img[1], 9: img[2]}, np.stack([t.numpy() for t in txt], 1), mode="last"
     )
     assert (i, j) == (9, 3)
-    i, j, _ = select_layers({0: img[0], 5: img[1], 9: img[2]}, txt, mode="best", k=10)
+    i, j, _, _ = select_layers({0: img[0], 5: img[1], 9: img[2]}, txt, mode="best", k=10)
     assert (i, j) == (5, 2)
     with pytest.raises(ValueError, match="paired"):
         select_layers(img, [t[:10] for t in txt])

@@ -12,6 +12,7 @@ from alignkit.features.similarity import (
     layer_similarity_matrix,
     linear_cka,
     mutual_knn,
+    mutual_knn_per_sample,
     resolve_k,
     unbiased_cka,
 )
@@ -30,6 +31,24 @@ def brute_mutual_knn(x, y, k):
 
     nx, ny = neighbours(x), neighbours(y)
     return sum(len(a & b) / k for a, b in zip(nx, ny)) / len(nx)
+
+
+def brute_knn_overlaps(x, y, k):
+    """Per-sample |N_x(i) ∩ N_y(i)| / k by sorting every row."""
+
+    def neighbours(z):
+        z = torch.nn.functional.normalize(z.double(), dim=-1)
+        return [
+            {
+                j
+                for _, j in sorted(((float(z[i] @ z[j]), j) for j in range(len(z)) if j != i), reverse=True)[
+                    :k
+                ]
+            }
+            for i in range(len(z))
+        ]
+
+    return [len(a & b) / k for a, b in zip(neighbours(x), neighbours(y))]
 
 
 def brute_linear_cka(x, y):
@@ -81,6 +100,15 @@ def test_mutual_knn_brute_force(data, k):
     x, y = data
     assert mutual_knn(x, y, k) == pytest.approx(brute_mutual_knn(x, y, resolve_k(k, 40)), abs=1e-9)
     assert mutual_knn(x, x, k) == pytest.approx(1.0)
+
+
+def test_mutual_knn_per_sample_brute_force(data):
+    x, y = data
+    per = mutual_knn_per_sample([x, y], [y], k=4)
+    assert per.shape == (2, 1, 40)
+    torch.testing.assert_close(per[0, 0], torch.tensor(brute_knn_overlaps(x, y, 4), dtype=torch.float64))
+    torch.testing.assert_close(per[1, 0], torch.ones(40, dtype=torch.float64))
+    assert per[0, 0].mean().item() == pytest.approx(mutual_knn(x, y, 4), abs=1e-12)
 
 
 def test_cka_brute_force(data):

@@ -81,6 +81,9 @@ def test_tiny_end_to_end_cached(tmp_path, shards, tiny_text_dir):
     assert summary["global_step"] == 12  # 96 pairs / 16 = 6 steps x 2 epochs
     sel = json.loads((run / "selection.json").read_text())
     assert sel["pairs"] == 96 and sel["images"] == 96 and (run / "layer_scores.csv").is_file()
+    # "a <colour> <shape>" captions repeat: the scored sample keeps each caption (and image) once
+    assert sel["selection"]["dedup"] == "both" and sel["rows"] == sel["unique_captions"] == sel["captions"]
+    assert sel["uncertainty"]["n_boot"] == 1000 and len(sel["uncertainty"]["difference_ci"]) == 2
     keys = _head_keys(run / "checkpoints" / "last.ckpt")
     assert keys and all(
         k.startswith(("model.image_head.", "model.text_head.", "model.logit_scale")) for k in keys

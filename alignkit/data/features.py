@@ -28,12 +28,21 @@ from torch import Tensor
 from alignkit.data.pair_table import PairTable, read_pairs
 from alignkit.encoders.frozen_towers import FrozenTowers
 from alignkit.features.cache import CacheError, FeatureCache, encode_batches, feature_key
+from alignkit.features.select import DEDUP, select_layers, selection_rows
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FeatureBatches", "FeaturePairDataModule"]
 
-SELECTION_DEFAULTS = {"mode": "best", "metric": "mutual_knn", "k": "rice", "n_samples": 5000, "seed": 0}
+SELECTION_DEFAULTS = {
+    "mode": "best",
+    "metric": "mutual_knn",
+    "k": "rice",
+    "n_samples": 5000,
+    "dedup": "both",
+    "bootstrap": 1000,
+    "seed": 0,
+}
 
 
 class FeatureBatches:
@@ -92,7 +101,9 @@ class FeaturePairDataModule(L.LightningDataModule):
         cache_dir: feature cache root; must be writable (checked here, before anything is encoded).
         selection: ``mode`` (``best`` = highest-scoring pair, ``last`` = last layers, ``fixed`` = ``image_layer``
             / ``text_layer``), ``metric`` (mutual_knn, linear_cka, unbiased_cka), ``k`` (rice, sqrt, sturges or
-            an int), ``n_samples`` (pairs scored), ``seed``.
+            an int), ``n_samples`` (pairs scored), ``dedup`` (``both`` / ``images`` / ``captions`` / ``none``: each
+            unique image and/or caption at most once in the scored sample, so repeated captions do not decide the
+            kNN), ``bootstrap`` (replicates for the uncertainty of the pick; 0 = off), ``seed``.
         image_layer / text_layer: the layers for ``mode=fixed`` (negative counts from the end).
         batch_size: per device. encode_batch_size: batch size of the feature extraction.
         prepare: optional callable run first (e.g. build the offline demo pairs on first use).
@@ -135,6 +146,8 @@ class FeaturePairDataModule(L.LightningDataModule):
             raise ValueError(
                 f"data.selection.mode={self.selection['mode']!r} is not one of best, last, fixed"
             )
+        if self.selection["dedup"] not in DEDUP:
+            raise ValueError(f"data.selection.dedup={self.selection['dedup']!r} is not one of {list(DEDUP)}")
         if self.selection["mode"] == "fixed" and (image_layer is None or text_layer is None):
             raise ValueError("data.selection.mode=fixed needs data.image_layer and data.text_layer")
         self.source, self.captions, self.max_pairs, self.features = source, captions, max_pairs, features
@@ -164,6 +177,7 @@ class FeaturePairDataModule(L.LightningDataModule):
         except CacheError as err:
             raise CacheError(f"{err} (data.cache_dir, default ${{paths.cache_dir}}/features)") from err
         self.table: PairTable | None = None
+        self._sample: dict[str, Any] = {}
         self.feats: dict[str, Tensor] = {}
         self.info: dict[str, Any] = {}
         self._online = None
@@ -225,8 +239,6 @@ class FeaturePairDataModule(L.LightningDataModule):
     def prepare_features(self, encoder: FrozenTowers, output_dir: str | Path | None = None) -> dict[str, Any]:
         """Extract (or load) features, select the layer pair; returns what the module needs
         (``image_layer``, ``text_layer``, ``image_dim``, ``text_dim``)."""
-        from alignkit.features.select import select_layers
-
         sel, mode = self.selection, self.selection["mode"]
         vis, txt = encoder.vision, encoder.text
         if mode == "fixed":
@@ -246,18 +258,26 @@ class FeaturePairDataModule(L.LightningDataModule):
         tx = self._encode(encoder, table, "text", layers_t)
         scores = None
         if mode == "best":
-            rows = np.arange(len(table))
-            if len(rows) > int(sel["n_samples"]):
-                rows = np.sort(
-                    np.random.default_rng(int(sel["seed"])).choice(len(rows), int(sel["n_samples"]), False)
-                )
+            rows = selection_rows(
+                table.row_image, table.row_text, int(sel["n_samples"]), sel["dedup"], int(sel["seed"])
+            )
+            _check_sample(len(rows), len(table), sel)
             fi = {lv: np.asarray(img[lv][table.row_image[rows]]) for lv in layers_i}
             ft = {lv: np.asarray(tx[lv][table.row_text[rows]]) for lv in layers_t}
             out = output_dir if output_dir is not None and rank_zero_only.rank == 0 else None
-            li, lt, scores = select_layers(
+            picked = select_layers(
                 fi, ft, n_samples=len(rows), metric=sel["metric"], k=sel["k"], mode="best", seed=int(sel["seed"]),
-                out_dir=out, names_img=vis.layer_names, names_txt=txt.layer_names,
+                out_dir=out, names_img=vis.layer_names, names_txt=txt.layer_names, bootstrap=int(sel["bootstrap"]),
             )  # fmt: skip
+            li, lt, scores = picked.image_layer, picked.text_layer, picked.scores
+            self._sample = {
+                "rows": len(rows),
+                "unique_images": len(np.unique(table.row_image[rows])),
+                "unique_captions": len(np.unique(table.row_text[rows])),
+                "score": float(scores.max()),
+            }
+            if picked.uncertainty is not None:
+                self._sample["uncertainty"] = picked.summary()
         self.table = table
         if not online:
             self.feats = {
@@ -277,7 +297,7 @@ class FeaturePairDataModule(L.LightningDataModule):
         }
         summary = {**self.info, "selection": self.selection, "features": self.features}
         if scores is not None:
-            summary["score"] = float(scores.max())
+            summary.update(self._sample)  # score, the scored sample after dedup, bootstrap uncertainty
         if self.table is not None:
             summary.update(
                 pairs=len(self.table), images=len(self.table.image_ids), captions=len(self.table.texts)
@@ -343,6 +363,22 @@ class FeaturePairDataModule(L.LightningDataModule):
             f["image"], f["row_image"], f["text"], f["row_text"], self.batch_size, self.steps_per_epoch(world),
             self.seed, lambda: self.trainer.current_epoch if getattr(self, "trainer", None) else 0, rank, world,
         )  # fmt: skip
+
+
+def _check_sample(n: int, n_pairs: int, sel: Mapping[str, Any]) -> None:
+    """A deduplicated sample can be far smaller than asked (templated captions): say so, fail if too small."""
+    from alignkit.features.similarity import resolve_k
+
+    if sel["dedup"] != "none" and n < min(int(sel["n_samples"]), n_pairs):
+        log.info("layer selection: %d of %d pairs have an image and a caption not seen before in the sample "
+                 "(data.selection.dedup=%s); scoring those %d", n, n_pairs, sel["dedup"], n)  # fmt: skip
+    try:
+        resolve_k(sel["k"], n)
+    except ValueError as err:
+        raise ValueError(
+            f"layer selection: {err}: the sample has {n} pairs after data.selection.dedup={sel['dedup']}; "
+            "use a smaller data.selection.k, a looser dedup (captions, images or none) or more varied pairs"
+        ) from err
 
 
 class _Taps:

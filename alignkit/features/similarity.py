@@ -20,7 +20,14 @@ from torch import Tensor
 Metric = Literal["mutual_knn", "linear_cka", "unbiased_cka"]
 KRule = Literal["rice", "sqrt", "sturges"] | int
 
-__all__ = ["layer_similarity_matrix", "linear_cka", "mutual_knn", "resolve_k", "unbiased_cka"]
+__all__ = [
+    "layer_similarity_matrix",
+    "linear_cka",
+    "mutual_knn",
+    "mutual_knn_per_sample",
+    "resolve_k",
+    "unbiased_cka",
+]
 
 
 def resolve_k(k: KRule, n: int) -> int:
@@ -55,7 +62,8 @@ def _knn_indices(x: Tensor, k: int, block: int = 1024) -> Tensor:
     return torch.cat(out)
 
 
-def _mutual_knn_scores(idx_a: list[Tensor], idx_b: list[Tensor], n: int, k: int) -> Tensor:
+def _mutual_knn_per_sample(idx_a: list[Tensor], idx_b: list[Tensor], n: int, k: int) -> Tensor:
+    """(La, Lb, n) fp64: |N_a(i) ∩ N_b(i)| / k for every layer pair and sample i."""
     device = idx_a[0].device
     all_b = torch.cat(idx_b, dim=1)  # (n, Lb * k): every B layer scored by one gather
     rows = []
@@ -65,7 +73,7 @@ def _mutual_knn_scores(idx_a: list[Tensor], idx_b: list[Tensor], n: int, k: int)
         )  # one dense membership mask per layer of A
         member.scatter_(1, ia, True)
         hits = member.gather(1, all_b).view(n, len(idx_b), k)
-        rows.append(hits.sum(dim=(0, 2), dtype=torch.float64) / (n * k))
+        rows.append(hits.sum(dim=2, dtype=torch.float64).T / k)
     return torch.stack(rows).cpu()
 
 
@@ -133,16 +141,25 @@ def layer_similarity_matrix(
     feats_a = [torch.as_tensor(f).to(device) for f in feats_a]
     feats_b = [torch.as_tensor(f).to(device) for f in feats_b]
     if metric == "mutual_knn":
-        kk = resolve_k(k, n)
-        return _mutual_knn_scores(
-            [_knn_indices(f, kk, block) for f in feats_a],
-            [_knn_indices(f, kk, block) for f in feats_b],
-            n,
-            kk,
-        )
+        return mutual_knn_per_sample(feats_a, feats_b, k, block).mean(dim=2)
     if metric in ("linear_cka", "unbiased_cka"):
         return _cka_scores(feats_a, feats_b, metric.split("_")[0], block, dtype)
     raise ValueError(f"unknown metric {metric!r}; use 'mutual_knn', 'linear_cka' or 'unbiased_cka'")
+
+
+def mutual_knn_per_sample(
+    feats_a: Sequence[Tensor], feats_b: Sequence[Tensor], k: KRule = "rice", block: int = 256
+) -> Tensor:
+    """(len(feats_a), len(feats_b), n) fp64 per-sample mutual-kNN overlaps |N_a(i) ∩ N_b(i)| / k; their mean over
+    samples is the mutual-kNN score. The per-sample terms are what a bootstrap of the score resamples."""
+    n = feats_a[0].shape[0]
+    kk = resolve_k(k, n)
+    return _mutual_knn_per_sample(
+        [_knn_indices(torch.as_tensor(f), kk, block) for f in feats_a],
+        [_knn_indices(torch.as_tensor(f), kk, block) for f in feats_b],
+        n,
+        kk,
+    )
 
 
 def mutual_knn(x: Tensor, y: Tensor, k: KRule = "rice") -> float:
