@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clipart-train", type=int, default=3000)
     p.add_argument("--fashion-test", type=int, default=2000)
     p.add_argument("--clipart-test", type=int, default=1000)
+    p.add_argument("--fashion-val", type=int, default=1000)
+    p.add_argument("--clipart-val", type=int, default=500)
     p.add_argument("--holdout", nargs="*", default=["bag", "ankle boot"])
     p.add_argument("--max-side", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = ensure_offline_pairs(
         a.root, a.fashion_train, a.clipart_train, a.fashion_test, a.clipart_test, a.holdout,
-        max_side=a.max_side, seed=a.seed,
+        max_side=a.max_side, seed=a.seed, fashion_val=a.fashion_val, clipart_val=a.clipart_val,
     )  # fmt: skip
     print(root)
 

@@ -30,6 +30,8 @@ def test_structure_offline_improves_zero_shot_retrieval_and_gap(tmp_path):
             "data.prepare.clipart_train=300",
             "data.prepare.fashion_test=300",
             "data.prepare.clipart_test=100",
+            "data.prepare.fashion_val=100",
+            "data.prepare.clipart_val=50",
             "data.batch_size=128",
             "epochs=15",
             "loss.align.warmup_steps=50",

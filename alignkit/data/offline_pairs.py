@@ -6,16 +6,20 @@ Sources (``apt-get install -y dataset-fashion-mnist openclipart-png``):
   templated captions ("a photo of a pullover.", ...) → training pairs;
 * Fashion-MNIST *test* (all 10 classes) → zero-shot eval set (CLIP_benchmark wds layout);
 * openclipart PNGs with captions from their file names and category folders; a seeded split gives disjoint
-  held-out (retrieval eval set) and training images.
+  held-out (retrieval eval set) and training images;
+* a validation split for choosing recipes (never the eval sets): Fashion-MNIST *train* images of all 10 classes
+  that are not training images, and clip art used nowhere else (no pixel copy of a training or test picture).
 
-:func:`ensure_offline_pairs` writes ``root/train/*.tar`` (+ ``sizes.json``), ``root/eval/fashion_mnist`` and
-``root/eval/openclipart`` and a ``manifest.json`` of the parameters; a second call with the same parameters
+:func:`ensure_offline_pairs` writes ``root/train/*.tar`` (+ ``sizes.json``), ``root/eval/fashion_mnist``,
+``root/eval/openclipart``, ``root/val/fashion_mnist``, ``root/val/openclipart`` and a ``manifest.json`` of the
+parameters; a second call with the same parameters
 returns at once, different parameters rebuild. Building goes to a temporary directory renamed at the end.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -147,6 +151,8 @@ def ensure_offline_pairs(
     seed: int = 0,
     fashion_dir: str = FASHION_DIR,
     openclipart_dir: str = OPENCLIPART_DIR,
+    fashion_val: int = 1000,
+    clipart_val: int = 500,
 ) -> Path:
     """Build (or reuse) the offline pairs and eval sets under ``root`` (module docstring); returns ``root``."""
     root = Path(root)
@@ -207,14 +213,25 @@ def _build(out: Path, p: dict, fdir: Path, cdir: Path) -> None:
     rng.shuffle(order)
     test_rows: list[tuple[Path, list[str], bytes]] = []
     train_rows: list[tuple[Path, list[str], bytes]] = []
-    for i in order:
-        if len(test_rows) >= p["clipart_test"] and len(train_rows) >= p["clipart_train"]:
+    val_rows: list[tuple[Path, list[str], bytes]] = []
+    seen_png: set[bytes] = set()  # a validation picture never repeats a test or train one under another name
+    for i in order:  # test, then train, then validation: adding validation leaves test and train as they were
+        split = next(
+            (rows for rows, n in ((test_rows, p["clipart_test"]), (train_rows, p["clipart_train"]),
+                                  (val_rows, p["clipart_val"])) if len(rows) < n),
+            None,
+        )  # fmt: skip
+        if split is None:
             break
         f, caps = cands[i]
         data = _load_clipart(f, p["max_side"])
         if data is None:
             continue
-        (test_rows if len(test_rows) < p["clipart_test"] else train_rows).append((f, caps, data))
+        digest = hashlib.sha1(data).digest()
+        if split is val_rows and digest in seen_png:
+            continue
+        seen_png.add(digest)
+        split.append((f, caps, data))
 
     def clipart_samples():
         for j, (_f, caps, data) in enumerate(train_rows):
@@ -239,14 +256,41 @@ def _build(out: Path, p: dict, fdir: Path, cdir: Path) -> None:
     (ev / "dataset_type.txt").write_text("classification\n")
     (ev / "classnames.txt").write_text("\n".join(FASHION_CLASSES) + "\n")
     (ev / "zeroshot_classification_templates.txt").write_text("\n".join(EVAL_TEMPLATES) + "\n")
-    ec = out / "eval" / "openclipart"
+    _write_retrieval(out / "eval" / "openclipart", test_rows, cdir)
+    # Validation (for choosing recipes; never the eval sets above): Fashion-MNIST *train* images of all 10 classes
+    # that are not training images (nor pixel copies of training or test images), and unused clip art.
+    taken = {images[i].tobytes() for i in fm} | {ti[i].tobytes() for i in sub}
+    vrng = random.Random(p["seed"] + 2)
+    val_pool = [i for i in range(len(labels)) if images[i].tobytes() not in taken]
+    val = sorted(vrng.sample(val_pool, min(p["fashion_val"], len(val_pool))))
+    vf = out / "val" / "fashion_mnist"
+    _write_tars(
+        vf / "test",
+        (
+            {
+                "__key__": f"{i:05d}",
+                "png": png_bytes(Image.fromarray(images[i], "L")),
+                "cls": str(int(labels[i])),
+            }
+            for i in val
+        ),
+    )
+    (vf / "dataset_type.txt").write_text("classification\n")
+    (vf / "classnames.txt").write_text("\n".join(FASHION_CLASSES) + "\n")
+    (vf / "zeroshot_classification_templates.txt").write_text("\n".join(EVAL_TEMPLATES) + "\n")
+    _write_retrieval(out / "val" / "openclipart", val_rows, cdir)
+    log.info(
+        "offline pairs: %d training samples (%d Fashion-MNIST, %d openclipart) in %d shards; eval %d + %d; "
+        "validation %d + %d",
+        sum(sizes.values()), len(fm), len(train_rows), len(sizes), len(sub), len(test_rows), len(val),
+        len(val_rows),
+    )  # fmt: skip
+
+
+def _write_retrieval(ec: Path, rows: list[tuple[Path, list[str], bytes]], cdir: Path) -> None:
     _write_tars(
         ec / "test",
-        ({"__key__": f"{j:05d}", "png": d, "txt": "\n".join(c)} for j, (_f, c, d) in enumerate(test_rows)),
+        ({"__key__": f"{j:05d}", "png": d, "txt": "\n".join(c)} for j, (_f, c, d) in enumerate(rows)),
     )
     (ec / "dataset_type.txt").write_text("retrieval\n")
-    (ec / "members.txt").write_text("".join(f"{f.relative_to(cdir)}\n" for f, _, _ in test_rows))
-    log.info(
-        "offline pairs: %d training samples (%d Fashion-MNIST, %d openclipart) in %d shards; eval %d + %d",
-        sum(sizes.values()), len(fm), len(train_rows), len(sizes), len(sub), len(test_rows),
-    )  # fmt: skip
+    (ec / "members.txt").write_text("".join(f"{f.relative_to(cdir)}\n" for f, _, _ in rows))
