@@ -156,8 +156,27 @@ def test_select_writes_uncertainty_and_warns_when_the_pick_is_within_noise_of_th
 def test_datamodule_refuses_unknown_dedup_and_a_sample_too_small_for_k(tmp_path):
     from alignkit.data.features import FeaturePairDataModule, _check_sample
 
-    with pytest.raises(ValueError, match=r"data.selection.dedup='pairs'"):
+    with pytest.raises(ValueError, match=r"data\.selection\.dedup='pairs'"):
         FeaturePairDataModule(source="synthetic", cache_dir=str(tmp_path), selection={"dedup": "pairs"})
-    with pytest.raises(ValueError, match="sample has 4 pairs after data.selection.dedup=both"):
+    with pytest.raises(ValueError, match=r"sample has 4 pairs after data\.selection\.dedup=both"):
         _check_sample(4, 100, {"dedup": "both", "k": 5, "n_samples": 50})
     _check_sample(6, 100, {"dedup": "both", "k": 5, "n_samples": 50})  # k < n: fine
+
+
+def test_demo_default_is_the_validated_recipe_and_the_paper_recipe_is_one_experiment_away():
+    from conftest import compose_train
+    from omegaconf import OmegaConf
+
+    def plain(name):
+        d = OmegaConf.to_container(compose_train([f"+experiment={name}"]), resolve=False)
+        d.pop("task_name")
+        return d
+
+    # make demo = last layers + InfoNCE, exactly the baseline it is compared with (chosen on validation, README)
+    assert plain("structure_offline") == plain("structure_offline_last_infonce")
+    select, noselect = plain("structure_offline_select"), plain("structure_offline_noselect")
+    assert select["data"]["selection"]["mode"] == "best" and select["data"]["selection"]["dedup"] == "both"
+    assert select["loss"]["align"]["use_structure"] and noselect["loss"]["align"]["use_structure"]
+    assert noselect["data"]["selection"]["mode"] == "last"
+    # the validation sets are evaluated in every offline run, next to the eval sets
+    assert {"fashion_mnist_val", "openclipart_val"} <= set(select["evalsets"])
