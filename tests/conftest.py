@@ -1,4 +1,4 @@
-"""Shared fixtures: offline environment, the shipped tiny CLIP, generated shards, composed configs."""
+"""Shared fixtures and the offline test environment. Plain helper functions are in helpers.py."""
 
 from __future__ import annotations
 
@@ -9,29 +9,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
 
-from alignkit.run.train import CONFIG_DIR
-
-REPO = Path(__file__).resolve().parent.parent
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-
-def compose_train(
-    overrides: list[str], run_dir: Path | None = None, config_name: str = "train"
-) -> DictConfig:
-    """Compose configs/<config_name>.yaml like the CLI would, with the output directory set to ``run_dir``."""
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=False)
-    if run_dir is not None:
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(run_dir)
-    return cfg
 
 
 @pytest.fixture
@@ -42,10 +23,20 @@ def tiny_encoder():
     return OpenCLIPEncoder(model="alignkit-tiny-vit", pretrained=None)
 
 
-def synthetic_shards(out_dir: Path, n: int, per_shard: int, seed: int = 0) -> list[Path]:
-    """Write ``n`` learnable "a <colour> <shape>" pairs as webdataset shards (+ sizes.json)."""
-    from alignkit.data.shards import write_shards
-    from alignkit.data.synthetic import SyntheticShapes
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory):
+    """A 2-layer random BERT with all-MiniLM-L6-v2's tokenizer, saved like a hub model (reloadable by path)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
 
-    ds = SyntheticShapes(transform=None, num_samples=n, image_size=32, seed=seed)
-    return write_shards((ds.item(i) for i in range(n)), out_dir, samples_per_shard=per_shard, overwrite=True)
+    from alignkit.encoders.offline import minilm_path
+
+    out = tmp_path_factory.mktemp("tiny_bert")
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    BertModel(cfg, add_pooling_layer=False).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)

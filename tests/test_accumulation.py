@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_train
+from helpers import compose_train
 
 from alignkit.encoders.openclip import OpenCLIPEncoder
 from alignkit.losses import HybridDistillation, InfoNCE, RandomFeatureAlignment, WeightedLoss

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from conftest import synthetic_shards
+from helpers import synthetic_shards
 
 from alignkit.data import ImageTextDataModule
 from alignkit.data.samples import PairTransform

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import socket
-from pathlib import Path
 
 import dist_workers as dw
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import uneven_shards
 
 WORLD = 2
 
@@ -112,30 +111,6 @@ def test_tiny_clip_parameter_gradients_under_ddp_equal_one_big_batch(loss_result
     for r in loss_results:
         _close(r["model"]["grad"], ref["grad"], tol=2e-5)
     assert ref["grad"].abs().sum() > 0
-
-
-def uneven_shards(root: Path, sizes=(7, 13, 3, 17, 8)) -> tuple[str, int]:
-    """Shards of uneven sizes (default 48 samples: 2 ranks x batch 4 -> 6 steps per rank, nothing dropped) with
-    globally unique keys ``000000000..``, plus sizes.json."""
-    import webdataset as wds
-
-    from alignkit.data.shards import _image_bytes
-    from alignkit.data.synthetic import SyntheticShapes
-
-    root.mkdir(parents=True, exist_ok=True)
-    n = sum(sizes)
-    ds = SyntheticShapes(transform=None, num_samples=n, image_size=32, seed=0)
-    key, names = 0, {}
-    for i, s in enumerate(sizes):
-        name = f"{i:05d}.tar"
-        with wds.TarWriter(str(root / name)) as w:
-            for _ in range(s):
-                img, cap = ds.item(key)
-                w.write({"__key__": f"{key:09d}", "jpg": _image_bytes(img)[0], "txt": cap})
-                key += 1
-        names[name] = s
-    (root / "sizes.json").write_text(json.dumps(names))
-    return str(root), n
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import lightning as L
 import open_clip
 import pytest
 import torch
-from conftest import compose_train
+from helpers import compose_train
 from PIL import Image
 
 from alignkit.cli import main as cli_main

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import compose_train
+from helpers import compose_train
 from hydra.utils import instantiate
 
 from alignkit.callbacks.evaluation import FIRST_EMBEDDINGS_FILE, EvaluationCallback

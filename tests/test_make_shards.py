@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import webdataset as wds
-from conftest import REPO
+from helpers import REPO
 from PIL import Image
 
 SCRIPT = str(REPO / "scripts" / "make_shards.py")

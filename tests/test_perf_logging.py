@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 
-from conftest import compose_train
+from helpers import compose_train
 
 from alignkit.run.train import train
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import compose_train, synthetic_shards
+from helpers import compose_train, synthetic_shards
 from hydra.utils import instantiate
 
 from alignkit.callbacks.teacher_cache import TeacherCache, fingerprint_for

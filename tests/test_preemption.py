@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train
-from test_distributed import uneven_shards
+from helpers import compose_train, uneven_shards
 
 from alignkit.run.train import train
 

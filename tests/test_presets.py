@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 import pytest
-from conftest import compose_train
+from helpers import compose_train
 from hydra.utils import instantiate
 
 
-@pytest.mark.parametrize("preset", ["cpu", "gpu", "ddp", "fsdp", "multinode"])
-def test_trainer_presets_compose(preset):
+@pytest.mark.parametrize(
+    "preset, devices, nodes, precision",
+    [
+        ("cpu", 1, 1, "32-true"),
+        ("gpu", 1, 1, "bf16-mixed"),
+        ("ddp", 2, 1, None),  # None: ${ak_precision:}, whatever this machine supports
+        ("fsdp", 1, 1, "bf16-mixed"),
+        ("multinode", 8, 2, "bf16-mixed"),
+    ],
+)
+def test_trainer_presets_compose(preset, devices, nodes, precision, monkeypatch):
+    from alignkit.run.cluster import default_precision
+
+    for var in (
+        "SLURM_NTASKS_PER_NODE",
+        "SLURM_TASKS_PER_NODE",
+        "SLURM_NNODES",
+        "SLURM_NTASKS",
+        "SLURM_JOB_ID",
+    ):
+        monkeypatch.delenv(var, raising=False)  # outside an allocation: the presets' own defaults
     cfg = compose_train(["+experiment=smoke", f"trainer={preset}"])
-    assert cfg.trainer.devices in (1, 2, 8) and cfg.trainer.num_nodes in (1, 2)
-    if preset in ("gpu", "fsdp", "multinode"):
-        assert cfg.trainer.precision in ("bf16-mixed", "32-true")  # the smoke experiment may pin 32-true
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (devices, nodes)
+    assert cfg.trainer.precision == (precision or default_precision())
 
 
 def test_fsdp_wraps_open_clip_blocks_so_the_teacher_is_sharded_like_the_student():

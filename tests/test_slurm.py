@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 CLUSTER = REPO / "scripts" / "slurm" / "localhost_cluster.sh"

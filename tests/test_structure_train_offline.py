@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import compose_train
+from helpers import compose_train
 
 from alignkit.eval.report import load_history
 from alignkit.run.train import train

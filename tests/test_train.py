@@ -8,23 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
-from conftest import REPO, compose_train, synthetic_shards
+from helpers import REPO, compose_train, synthetic_shards
 
-from alignkit.run.train import CONFIG_DIR, train
+from alignkit.run.train import train
 
-EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
-
-
-@pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_composes_and_instantiates_its_loss(name):
-    from hydra.utils import instantiate
-
-    cfg = compose_train([f"+experiment={name}"])
-    loss = instantiate(cfg.loss)
-    assert hasattr(loss, "terms")
 
 
 def test_clip_refine_is_the_released_recipe():
