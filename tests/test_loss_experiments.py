@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_train
+from helpers import compose_train
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
