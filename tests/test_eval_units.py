@@ -63,7 +63,8 @@ def test_resume_keeps_history_up_to_the_resume_step(tmp_path):
     cb = EvaluationCallback(sets, every_n_steps=3, output_dir=str(tmp_path))
     cb.on_train_start(_trainer(tmp_path, 3), None)  # step 3 is recorded: no evaluation (pl_module=None)
     assert sorted(cb.history) == [0, 3]  # step 6 came from weights that were never checkpointed
-    assert cb._first is not None and cb._first[0] == 0 and torch.equal(cb._first[1].image, enc["image"])
+    first = cb.recorder.first
+    assert first is not None and first[0] == 0 and torch.equal(first[1].image, enc["image"])
 
 
 def test_bad_callback_inputs():
@@ -130,3 +131,50 @@ def test_report_rendering_and_history_file(tmp_path):
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"bad\.json: not a metrics\.json"):
         load_history(tmp_path / "bad.json")
+
+
+def test_autocast_dtype_reads_trainer_precision_and_eval_option_alike():
+    from alignkit.eval.recorder import autocast_dtype
+
+    assert autocast_dtype("bf16-mixed") is autocast_dtype("bf16") is torch.bfloat16
+    assert autocast_dtype("16-mixed") is autocast_dtype("fp16") is torch.float16
+    assert (
+        autocast_dtype("32-true") is None
+        and autocast_dtype(None) is None
+        and autocast_dtype("bf16-true") is None
+    )
+
+
+def test_recorder_keeps_first_and_last_plot_embeddings_and_writes_the_files(tmp_path, tiny_encoder):
+    from alignkit.eval.recorder import EvalRecorder
+
+    sets = {
+        "c": synthetic_eval_set("classification", "c", per_class=1),
+        "r": synthetic_eval_set("retrieval", "r"),
+    }
+    rec = EvalRecorder(sets, batch_size=16, prefix="val/")
+    assert rec.plot_set == "r"  # the first retrieval set
+    enc = tiny_encoder
+    m0 = rec.evaluate(enc.module, enc.tokenizer, enc.preprocess_val, step=0, device="cpu")
+    with torch.no_grad():
+        enc.module.visual.proj.mul_(-1.0)  # a different model: image embeddings flip sign
+    m5 = rec.evaluate(enc.module, enc.tokenizer, enc.preprocess_val, step=5, device="cpu")
+    assert sorted(rec.history) == [0, 5] and rec.history[0] == m0 and rec.history[5] == m5
+    assert all(k.startswith("val/") for k in m0) and "val/ret/r/i2t_r@1" in m0 and "val/zs/c/top1" in m0
+    assert rec.first[0] == 0 and rec.last[0] == 5
+    torch.testing.assert_close(rec.last[1].image, -rec.first[1].image)
+    rec.save_history(tmp_path)
+    assert load_history(tmp_path / "metrics.json") == rec.history
+    report = rec.write_report(tmp_path, {"run directory": str(tmp_path)})
+    assert "both panels in the first step's PCA basis" in report.read_text()
+    assert (tmp_path / "embeddings.png").is_file()
+
+
+def test_eval_entry_rejects_an_unknown_autocast_before_loading_anything(tmp_path):
+    from alignkit.eval.entry import evaluate
+
+    cfg = compose_train(
+        ["evalsets=synthetic", "autocast=bf15", "model.name=nope"], tmp_path, config_name="eval"
+    )
+    with pytest.raises(ValueError, match=r"autocast='bf15' is not one of null, bf16, fp16"):
+        evaluate(cfg)

@@ -17,26 +17,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from alignkit.data.evalsets import ClassificationSet, EvalSet, RetrievalSet
-from alignkit.eval.encode import EncodedEvalSet, evaluate_sets
-from alignkit.eval.report import (
-    METRICS_FILE,
-    PLOT_FILE,
-    REPORT_FILE,
-    atomic_write_text,
-    choose_plot_set,
-    load_history,
-    plot_embeddings,
-    render_report,
-    save_history,
-)
+from alignkit.data.evalsets import EvalSet
+from alignkit.eval.recorder import FIRST_EMBEDDINGS_FILE, EvalRecorder, build_evalsets, headline
+
+__all__ = ["FIRST_EMBEDDINGS_FILE", "EvaluationCallback", "build_evalsets"]
 
 log = logging.getLogger(__name__)
-
-FIRST_EMBEDDINGS_FILE = (
-    "embeddings_first.pt"  # the plot set at the first evaluation, for a resumed run's plot
-)
-_AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 class EvaluationCallback(Callback):
@@ -71,17 +57,24 @@ class EvaluationCallback(Callback):
         prefix: str = "val/",
     ) -> None:
         super().__init__()
-        self.evalsets = build_evalsets(evalsets)
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        self.recorder = EvalRecorder(evalsets, batch_size=batch_size, plot_set=plot_set, prefix=prefix)
         self.every_n_steps, self.at_start, self.at_end = every_n_steps, at_start, at_end
-        self.batch_size, self.prefix = batch_size, prefix
-        self.plot_set = choose_plot_set(self.evalsets, plot_set) if self.evalsets else None
         self.output_dir = Path(output_dir) if output_dir else None
-        self.history: dict[int, dict[str, float]] = {}
-        self._first: tuple[int, EncodedEvalSet] | None = None
-        self._last: tuple[int, EncodedEvalSet] | None = None
         self._last_step: int | None = None
+
+    @property
+    def evalsets(self) -> dict[str, EvalSet]:
+        return self.recorder.evalsets
+
+    @property
+    def plot_set(self) -> str | None:
+        return self.recorder.plot_set
+
+    @property
+    def history(self) -> dict[int, dict[str, float]]:
+        return self.recorder.history
 
     @property
     def enabled(self) -> bool:
@@ -126,102 +119,37 @@ class EvaluationCallback(Callback):
         """Evaluate every set now (all ranks), record, log and write ``metrics.json``; returns the metrics."""
         step = trainer.global_step
         model, tokenizer, preprocess = pl_module.eval_interface()
-        metrics, kept = evaluate_sets(
-            model,
-            tokenizer,
-            preprocess,
-            self.evalsets,
-            batch_size=self.batch_size,
-            device=pl_module.device,
-            autocast_dtype=_AUTOCAST.get(str(trainer.precision)),
-            keep=[self.plot_set] if self.plot_set else [],
+        first_before = self.recorder.first
+        metrics = self.recorder.evaluate(
+            model, tokenizer, preprocess, step, device=pl_module.device, precision=str(trainer.precision)
         )
-        metrics = {self.prefix + k: v for k, v in metrics.items()}
-        self.history[step] = metrics
         self._last_step = step
-        if self.plot_set in kept:
-            self._last = (step, kept[self.plot_set])
-            if self._first is None:
-                self._first = self._last
-                if trainer.is_global_zero:
-                    enc = self._first[1]
-                    self._dir(trainer).mkdir(parents=True, exist_ok=True)
-                    torch.save(
-                        {"step": step, "set": self.plot_set, "task": enc.task, "image": enc.image}
-                        | {"text": enc.text, "targets": enc.targets},
-                        self._dir(trainer) / FIRST_EMBEDDINGS_FILE,
-                    )
         # Every rank holds the same values (gathered), so monitors agree across ranks.
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         if trainer.is_global_zero:
+            out = self._dir(trainer)
+            if first_before is None and self.recorder.first is not None:
+                self.recorder.save_first_embeddings(out)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
                 logger.save()
-            save_history(self.history, self._dir(trainer) / METRICS_FILE)
-            log.info("step %d: %s", step, _headline(metrics))
+            self.recorder.save_history(out)
+            log.info("step %d: %s", step, headline(metrics))
         return metrics
 
     def write_report(self, trainer: L.Trainer, interrupted_by: str | None = None) -> None:
         out = self._dir(trainer)
-        plot = None
-        if self._first is not None and self._last is not None:
-            (s0, e0), (s1, e1) = self._first, self._last
-            panels = {f"before (step {s0})": e0}
-            if s1 != s0:
-                panels[f"after (step {s1})"] = e1
-            try:
-                plot_embeddings(panels, out / PLOT_FILE, title=f"{self.plot_set}: image vs text (PCA)")
-                plot = PLOT_FILE
-            except ImportError as e:
-                log.warning("no %s: %s", PLOT_FILE, e)
-        details = {"run directory": str(out), "eval sets": ", ".join(self.evalsets)}
+        details = {"run directory": str(out)}
         if interrupted_by:
             details = {
                 "status": f"INTERRUPTED by {interrupted_by} at step {trainer.global_step}: not the final model "
                 "(last.ckpt written; resume with ckpt_path=auto)",
                 **details,
             }
-        if plot:
-            details["projection"] = f"`{self.plot_set}`, both panels in the first step's PCA basis"
         title = "Evaluation report (interrupted)" if interrupted_by else "Evaluation report"
-        atomic_write_text(out / REPORT_FILE, render_report(self.history, title, details, plot))
-        log.info("wrote %s", out / REPORT_FILE)
+        log.info("wrote %s", self.recorder.write_report(out, details, title=title))
 
     def _restore(self, trainer: L.Trainer, step: int) -> None:
         """Resumed run: keep the history up to the resume step and the first step's embeddings."""
-        out = self._dir(trainer)
-        self.history = {s: m for s, m in load_history(out / METRICS_FILE).items() if s <= step}
-        first = out / FIRST_EMBEDDINGS_FILE
-        if first.is_file():
-            d = torch.load(first, weights_only=True)
-            if d.get("set") == self.plot_set:
-                enc = EncodedEvalSet(d["set"], d["task"], d["image"], d["text"], d["targets"])
-                self._first = (int(d["step"]), enc)
+        self.recorder.restore(self._dir(trainer), step)
         self._last_step = step if step in self.history else None
-
-
-def build_evalsets(evalsets: Mapping[str, Any] | None) -> dict[str, EvalSet]:
-    """name -> eval set; values may be eval sets or Hydra nodes with a ``_target_`` that builds one.
-
-    The callback's Hydra node sets ``_recursive_: false``: Hydra would otherwise build the eval sets and then
-    convert the (dataclass) results back into configs, copying every image into OmegaConf.
-    """
-    out: dict[str, EvalSet] = {}
-    for name, value in (evalsets or {}).items():
-        if isinstance(value, Mapping) and "_target_" in value:
-            from hydra.utils import instantiate
-
-            value = instantiate(value)
-        if not isinstance(value, ClassificationSet | RetrievalSet):
-            raise TypeError(
-                f"evalsets.{name} is a {type(value).__name__}, not an eval set; its node must build one "
-                f"(e.g. _target_: alignkit.data.evalsets.load_eval_set, path: ...)"
-            )
-        out[str(name)] = value
-    return out
-
-
-def _headline(metrics: Mapping[str, float]) -> str:
-    """The few numbers worth a log line: top-1, R@1 and the L2 gap of each set."""
-    keys = [k for k in metrics if k.endswith(("/top1", "_r@1", "/l2"))]
-    return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys)

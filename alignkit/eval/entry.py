@@ -20,28 +20,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from alignkit.callbacks.evaluation import build_evalsets
 from alignkit.encoders.openclip import WeightsUnavailableError, create_open_clip, register_shipped_configs
-from alignkit.eval.encode import evaluate_sets
-from alignkit.eval.report import (
-    METRICS_FILE,
-    PLOT_FILE,
-    REPORT_FILE,
-    atomic_write_text,
-    choose_plot_set,
-    plot_embeddings,
-    render_report,
-    save_history,
-)
+from alignkit.eval.recorder import EvalRecorder
+from alignkit.eval.report import METRICS_FILE
+from alignkit.run.configs import CONFIG_DIR  # one config tree for train.py and eval.py
 from alignkit.run.export import extract_state_dict, find_architecture, load_checkpoint, resolve_checkpoint
 from alignkit.run.hub import is_open_clip_dir
-from alignkit.run.train import CONFIG_DIR  # one config tree for train.py and eval.py
 
 __all__ = ["LoadedModel", "evaluate", "load_model", "main"]
 
 log = logging.getLogger(__name__)
-
-_AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -165,41 +153,28 @@ def _device(device: str) -> torch.device:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Load the model, evaluate every selected set, write metrics.json / report.md / embeddings.png."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    evalsets = build_evalsets(cfg.evalsets)
-    if not evalsets:
+    autocast = cfg.get("autocast")
+    if autocast not in (None, "bf16", "fp16"):
+        raise ValueError(f"autocast={autocast!r} is not one of null, bf16, fp16")
+    recorder = EvalRecorder(cfg.evalsets, batch_size=cfg.batch_size, plot_set=cfg.get("plot_set"))
+    if not recorder.evalsets:
         raise ValueError("no eval sets selected: pass e.g. evalsets=[synthetic] or evalsets=offline")
-    plot_set = choose_plot_set(evalsets, cfg.get("plot_set"))
     m = cfg.model
     loaded = load_model(m.ckpt, m.name, m.pretrained, m.precision, m.force_quick_gelu, m.cache_dir)
     device = _device(cfg.device)
     loaded.model.to(device)
-    metrics, kept = evaluate_sets(
-        loaded.model,
-        loaded.tokenizer,
-        loaded.preprocess,
-        evalsets,
-        batch_size=cfg.batch_size,
-        device=device,
-        autocast_dtype=_AUTOCAST[cfg.get("autocast")],
-        keep=[plot_set],
+    metrics = recorder.evaluate(
+        loaded.model, loaded.tokenizer, loaded.preprocess, loaded.step, device=device, precision=autocast
     )
-    metrics = {"val/" + k: v for k, v in metrics.items()}
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    history = {loaded.step: metrics}
-    save_history(history, out / METRICS_FILE)
-    plot = None
-    try:
-        plot_embeddings(
-            {loaded.description: kept[plot_set]}, out / PLOT_FILE, f"{plot_set}: image vs text (PCA)"
-        )
-        plot = PLOT_FILE
-    except ImportError as e:
-        log.warning("no %s: %s", PLOT_FILE, e)
-    details = {"model": loaded.description, "eval sets": ", ".join(evalsets)}
-    atomic_write_text(out / REPORT_FILE, render_report(history, "Evaluation report", details, plot))
+    recorder.save_history(out)
+    assert recorder.last is not None  # the plot set is always kept
+    report = recorder.write_report(
+        out, {"model": loaded.description}, panels={loaded.description: recorder.last[1]}
+    )
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    log.info("wrote %s and %s", out / METRICS_FILE, out / REPORT_FILE)
+    log.info("wrote %s and %s", out / METRICS_FILE, report)
     return {"output_dir": str(out), "step": loaded.step, "metrics": metrics}
 
 

@@ -22,6 +22,7 @@ from alignkit.callbacks.nonfinite import NonFiniteError
 from alignkit.eval.report import METRICS_FILE, REPORT_FILE, load_history
 from alignkit.run import cluster  # registers the ${ak_slurm:...} / ${ak_sweep_id:} resolvers
 from alignkit.run.checkpointing import clean_temp_parts, resolve_ckpt_path
+from alignkit.run.configs import CONFIG_DIR
 from alignkit.run.export import EXPORT_DIR, export_module
 from alignkit.run.loggers import (
     flat_hparams,
@@ -33,11 +34,6 @@ from alignkit.run.loggers import (
 from alignkit.run.preflight import preflight
 
 log = logging.getLogger(__name__)
-# A checkout (or editable install) reads <repo>/configs; an installed wheel carries them as alignkit/configs.
-_PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-CONFIG_DIR = str(
-    _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else Path(__file__).resolve().parents[2] / "configs"
-)
 
 
 def build_loggers(cfg: DictConfig) -> list:
