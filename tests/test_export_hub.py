@@ -4,61 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import open_clip
 import pytest
 import torch
+from helpers import load_in_fresh_process
 
 from alignkit.encoders.openclip import OpenCLIPEncoder, register_shipped_configs
 from alignkit.run.export import export_checkpoint, main
 from alignkit.run.hub import CONFIG_NAME, WEIGHTS_NAME, write_open_clip_dir
-
-# Runs in a new interpreter that never imports alignkit: open_clip alone must load the directory. It encodes fixed
-# inputs and saves the embeddings for the test to compare with the model it exported.
-LOADER = r"""
-import sys, torch, open_clip
-d, out = sys.argv[1], sys.argv[2]
-model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + d)
-tok = open_clip.get_tokenizer("local-dir:" + d)
-g = torch.Generator().manual_seed(1)
-size = model.visual.preprocess_cfg["size"]
-size = size if isinstance(size, int) else size[0]
-images = torch.randn(3, 3, size, size, generator=g)
-texts = ["a red square", "a dog on grass", "x"]
-model.eval()
-with torch.no_grad():
-    res = {"image": model.encode_image(images), "text": model.encode_text(tok(texts)), "images": images,
-           "tokens": tok(texts), "mean": torch.tensor(model.visual.preprocess_cfg["mean"])}
-assert "alignkit" not in sys.modules
-torch.save(res, out)
-"""
-
-
-def load_in_fresh_process(export_dir: Path, tmp_path: Path, env: dict[str, str] | None = None) -> dict:
-    """Move ``export_dir`` elsewhere, load it from another working directory in a new interpreter."""
-    moved = tmp_path / "moved" / "somewhere-else"
-    moved.parent.mkdir(parents=True)
-    shutil.move(str(export_dir), moved)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    script = tmp_path / "load.py"
-    script.write_text(LOADER)
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    full_env.pop("PYTHONPATH", None)  # nothing of alignkit on the path
-    proc = subprocess.run(
-        [sys.executable, str(script), str(moved), str(tmp_path / "out.pt")],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(tmp_path / "out.pt", weights_only=True)
 
 
 @pytest.fixture(scope="module")

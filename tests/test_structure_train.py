@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import TINY_VISION, compose_train, synthetic_shards
+from helpers import TINY_VISION, compose_train, load_in_fresh_process, synthetic_shards
 from omegaconf import open_dict
 
 from alignkit.run.train import train
@@ -155,7 +155,6 @@ def test_online_path_runs_towers_in_the_loop(tmp_path, shards, tiny_text_dir):
 
 
 def test_open_clip_export_loads_and_encodes_the_same(tmp_path, shards, tiny_text_dir, monkeypatch):
-    from test_export_hub import load_in_fresh_process
 
     from alignkit.encoders.aligned import load_aligned
 
