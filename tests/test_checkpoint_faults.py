@@ -74,7 +74,7 @@ def test_step_checkpoints_are_pruned_to_save_top_k_by_step(tmp_path):
 def test_resume_refuses_a_changed_architecture_option(tmp_path, tiny_encoder):
     from alignkit.losses import InfoNCE
     from alignkit.modules.clip_refine import AlignModule
-    from alignkit.run.cluster import check_checkpoint_compatible, run_identity
+    from alignkit.run.checkpointing import check_checkpoint_compatible, run_identity
 
     module = AlignModule(tiny_encoder, InfoNCE(), optimizer=torch.optim.AdamW)
     saved_cfg = compose_train(["+experiment=smoke"], tmp_path)

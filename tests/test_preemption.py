@@ -80,7 +80,7 @@ def test_signal_mid_epoch_then_resume_is_bit_identical_and_sees_each_sample_once
 def test_checkpoint_from_another_architecture_is_refused(tmp_path, tiny_encoder):
     from alignkit.losses import InfoNCE
     from alignkit.modules.clip_refine import AlignModule
-    from alignkit.run.cluster import check_checkpoint_compatible
+    from alignkit.run.checkpointing import check_checkpoint_compatible
 
     module = AlignModule(tiny_encoder, InfoNCE(), optimizer=torch.optim.AdamW)
     cfg = compose_train(["+experiment=smoke"])

@@ -1,9 +1,10 @@
 """What every alignkit training module shares: the parameters the optimizer sees, the optimizer with its
-step-based LR schedule, and the standard per-step logging."""
+step-based LR schedule, the standard per-step logging, and checkpoints without frozen weights."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -31,6 +32,30 @@ class TrainingModule(L.LightningModule):
     optimizer_factory: Callable[..., torch.optim.Optimizer]
     lr_schedule: LRSchedule
     weight_decay_on_all: bool = False
+    # State-dict prefixes of frozen weights (a teacher, frozen towers) rebuilt from their source when the module is
+    # built: never written to checkpoints, so a checkpoint holds only what training changes.
+    non_checkpointed_prefixes: tuple[str, ...] = ()
+
+    # ----- checkpoints -----
+    def checkpoint_spec(self) -> dict[str, Any]:
+        """What the module records about itself under ``checkpoint["alignkit"]`` (read by export and eval.py)."""
+        return {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith(self.non_checkpointed_prefixes)]:
+            del sd[k]
+        checkpoint["alignkit"] = self.checkpoint_spec()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """A checkpoint holds no frozen weights: keep the ones this module was built with."""
+        absent = tuple(
+            p for p in self.non_checkpointed_prefixes if not any(k.startswith(p) for k in state_dict)
+        )
+        if absent:
+            state_dict = dict(state_dict)
+            state_dict.update({k: v for k, v in self.state_dict().items() if k.startswith(absent)})
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ----- optimisation -----
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:

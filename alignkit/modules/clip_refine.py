@@ -88,18 +88,8 @@ class AlignModule(TrainingModule):
             self.teacher.eval()  # frozen: dropout off, norm statistics fixed, whatever Lightning toggles
         return self
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        sd = checkpoint["state_dict"]
-        for k in [k for k in sd if k.startswith(TEACHER_PREFIX)]:
-            del sd[k]
-        checkpoint["alignkit"] = {"encoder": self.encoder.spec, "has_teacher": self.teacher is not None}
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Checkpoints hold no teacher: keep the current one (built from the starting weights)."""
-        if self.teacher is not None and not any(k.startswith(TEACHER_PREFIX) for k in state_dict):
-            state_dict = dict(state_dict)
-            state_dict.update({TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()})
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    def checkpoint_spec(self) -> dict[str, Any]:
+        return {"encoder": self.encoder.spec, "has_teacher": self.teacher is not None}
 
     # ----- what evaluation and export see -----
     def eval_interface(self) -> tuple[nn.Module, Callable, Callable]:

@@ -103,11 +103,8 @@ class StructureModule(TrainingModule):
         return self.model.towers
 
     # ----- checkpoints hold the heads only -----
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        sd = checkpoint["state_dict"]
-        for k in [k for k in sd if k.startswith(MODEL_TOWERS)]:
-            del sd[k]
-        checkpoint["alignkit"] = self.model.spec()
+    def checkpoint_spec(self) -> dict[str, Any]:
+        return self.model.spec()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         spec = checkpoint.get("alignkit") or {}
@@ -119,13 +116,6 @@ class StructureModule(TrainingModule):
                 "the encoders or data.selection changed. Start a fresh run or pin data.selection.mode=fixed "
                 f"data.image_layer={want[0]} data.text_layer={want[1]}."
             )
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Checkpoints hold no tower weights: keep the towers built from their source."""
-        if not any(k.startswith(MODEL_TOWERS) for k in state_dict):
-            state_dict = dict(state_dict)
-            state_dict.update({MODEL_TOWERS + k: v for k, v in self.encoder.state_dict().items()})
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ----- what evaluation and export see -----
     def eval_interface(self) -> tuple[nn.Module, Callable, Callable]:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from alignkit.run.checkpointing import load_checkpoint, resolve_checkpoint
 
 __all__ = [
     "EXPORT_DIR",
@@ -25,9 +26,7 @@ __all__ = [
     "export_module",
     "extract_state_dict",
     "find_architecture",
-    "load_checkpoint",
     "main",
-    "resolve_checkpoint",
     "write_state_dict",
 ]
 
@@ -41,32 +40,6 @@ FILE_SUFFIXES = (
     ".bin",
     ".pth",
 )  # a plain state dict file; anything else is a directory
-
-
-def resolve_checkpoint(src: str | Path) -> Path:
-    """A ``.ckpt`` file as it is, or ``<run dir>/checkpoints/last.ckpt`` for a run directory."""
-    p = Path(src)
-    if p.is_dir():
-        ckpt = p / "checkpoints" / "last.ckpt"
-        if not ckpt.is_file():
-            raise FileNotFoundError(
-                f"{p} is a directory but {ckpt} does not exist; pass the .ckpt file itself."
-            )
-        return ckpt
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: checkpoint not found.")
-    return p
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` on CPU; safe loader first, full unpickling only for our own Lightning checkpoints."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Lightning stores hyper_parameters (often OmegaConf objects) that the safe loader refuses.
-        # Exporting is done on one's own checkpoints; never export a file from an untrusted source.
-        log.info("%s holds non-tensor objects; loading with weights_only=False", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def extract_state_dict(ckpt: Mapping[str, Any], prefix: str = "model.") -> dict[str, torch.Tensor]:

@@ -21,7 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from alignkit.callbacks.nonfinite import NonFiniteError
 from alignkit.eval.report import METRICS_FILE, REPORT_FILE, load_history
 from alignkit.run import cluster  # registers the ${ak_slurm:...} / ${ak_sweep_id:} resolvers
-from alignkit.run.checkpointing import clean_temp_parts, resolve_ckpt_path
+from alignkit.run.checkpointing import (
+    RunIdentity,
+    check_checkpoint_compatible,
+    clean_temp_parts,
+    resolve_ckpt_path,
+    run_identity,
+)
 from alignkit.run.configs import CONFIG_DIR
 from alignkit.run.export import EXPORT_DIR, export_module
 from alignkit.run.loggers import (
@@ -112,7 +118,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **found,
     )
     cluster.check_trainer_matches_slurm(cfg.trainer)
-    callbacks = [*build_callbacks(cfg), cluster.RunIdentity(cluster.run_identity(cfg))]
+    callbacks = [*build_callbacks(cfg), RunIdentity(run_identity(cfg))]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg) or False)
 
     # Step-based schedule: one epoch = steps_per_epoch optimizer steps per rank (the loader ends the epoch).
@@ -133,7 +139,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     step_prefix = str(ckpt_cfg.get("filename") or "").split("{")[0]
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir, ckpt_dir, step_prefix)
     if ckpt is not None:
-        cluster.check_checkpoint_compatible(ckpt, module, cfg)
+        check_checkpoint_compatible(ckpt, module, cfg)
     handovers = [c for c in trainer.callbacks if hasattr(c, "hand_over")]
     for c in handovers:
         c.defer_handover = True  # submitit's requeue handler exits: call it after the summary is written
