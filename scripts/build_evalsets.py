@@ -38,6 +38,7 @@ from alignkit.data.offline_pairs import (
     png_bytes,
     read_idx,
 )
+from alignkit.data.samples import to_rgb
 
 log = logging.getLogger("build_evalsets")
 
@@ -48,12 +49,6 @@ DIGIT_TEMPLATES = [
     "a handwritten digit {c}.",
     "a blurry image of the digit {c}.",
 ]
-
-
-def _on_white(img: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited on white (clip art is drawn for a white page)."""
-    rgba = img.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
 def _subset(n: int, limit: int | None, seed: int) -> list[int]:
@@ -175,7 +170,7 @@ def build_openclipart(args: argparse.Namespace) -> None:
                     if im.width * im.height > args.max_pixels:
                         huge += 1
                         continue
-                    rgb = _on_white(im)
+                    rgb = to_rgb(im)
         except Image.DecompressionBombError:
             huge += 1
             continue

@@ -168,3 +168,27 @@ def test_webdataset_reader_is_public_api_only(tmp_path):
     synthetic_shards(tmp_path, n=5, per_shard=5)
     samples = list(wds.WebDataset(str(tmp_path / "00000.tar"), shardshuffle=False))
     assert len(samples) == 5 and {"jpg", "txt"} <= set(samples[0])
+
+
+def test_to_rgb_composites_every_kind_of_transparency_on_white():
+    from PIL import Image
+
+    from alignkit.data.samples import to_rgb
+
+    rgba = Image.new("RGBA", (2, 1), (255, 0, 0, 0))
+    rgba.putpixel((1, 0), (255, 0, 0, 128))  # half-transparent red over white: (255, 255 - 128·255/255, ...)
+    assert list(to_rgb(rgba).getdata()) == [(255, 255, 255), (255, 127, 127)]
+    pal = Image.new("P", (1, 1), 3)
+    pal.info["transparency"] = 3  # a transparent palette entry
+    assert list(to_rgb(pal).getdata()) == [(255, 255, 255)]
+    la = Image.new("LA", (1, 1), (0, 0))
+    assert list(to_rgb(la).getdata()) == [(255, 255, 255)]
+    opaque = Image.new("RGB", (1, 1), (10, 20, 30))
+    assert list(to_rgb(opaque).getdata()) == [(10, 20, 30)] and to_rgb(opaque) is not opaque
+
+
+def test_split_captions_one_per_line_stripped_empty_dropped():
+    from alignkit.data.samples import split_captions
+
+    assert split_captions(" a cat \n\n  \r\na dog\n") == ["a cat", "a dog"]
+    assert split_captions(b"a red square") == ["a red square"] and split_captions("\n \n") == []

@@ -17,6 +17,8 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
+from alignkit.data.samples import split_captions, to_rgb
+
 __all__ = [
     "ClassificationSet",
     "EvalSet",
@@ -38,15 +40,6 @@ TEMPLATES = "zeroshot_classification_templates.txt"
 
 class EvalSetError(ValueError):
     """An eval set on disk is malformed; the message names the file, the problem and a fix."""
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB copy; images with transparency are composited on white (not on black, PIL's default)."""
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, img).convert("RGB")
-    return img.convert("RGB")
 
 
 class ImageList(Sequence[Image.Image]):
@@ -174,7 +167,7 @@ def load_wds_eval_set(path: str | Path, name: str | None = None, split: str = "t
                 if "cls" in sample:
                     labels.append(int(sample["cls"].decode().strip()))
                 elif "txt" in sample:
-                    caps = [c.strip() for c in sample["txt"].decode("utf-8").splitlines() if c.strip()]
+                    caps = split_captions(sample["txt"])
                     if not caps:
                         raise EvalSetError(f"{shard}: sample '{key}' has an empty .txt (no captions).")
                     captions.append(caps)

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from alignkit.data.samples import to_rgb
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -129,8 +131,7 @@ def _load_clipart(f: Path, max_side: int) -> bytes | None:
             with Image.open(f) as im:
                 if im.width * im.height > 20_000_000:
                     return None
-                rgba = im.convert("RGBA")
-        rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+                rgb = to_rgb(im)
     except (OSError, Image.DecompressionBombError) as err:
         log.warning("skipping unreadable clip art %s (%s)", f, err)
         return None

@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from alignkit.data.samples import IMAGE_KEYS, TEXT_KEYS, BadSample, decode_caption, decode_image
+from alignkit.data.samples import IMAGE_KEYS, TEXT_KEYS, BadSample, decode_image, split_captions
 from alignkit.features.cache import unique_with_index
 
 log = logging.getLogger(__name__)
@@ -97,11 +97,10 @@ def _image_key(sample: dict, key: str) -> str:
 def _captions(raw: bytes | str, mode: str, key: str = "?") -> list[str]:
     """Caption lines; ``[]`` (the sample is skipped and counted) when the bytes are not UTF-8."""
     try:
-        text = decode_caption(raw, key)
+        lines = split_captions(raw, key)
     except BadSample as e:
         log.warning("%s", e)
         return []
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[:1] if mode == "first" else lines
 
 

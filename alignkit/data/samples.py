@@ -74,11 +74,16 @@ def decode_image(data: bytes, key: str) -> Image.Image:
         raise
     except Exception as e:
         raise BadSample(f"corrupt image in sample {key!r}: {e}") from e
-    if img.mode in ("RGBA", "LA", "P"):
-        # Composite transparency onto white rather than black (clip-art and PNG logos).
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB copy; an image with transparency (an alpha band or a transparent palette / colour key) is composited on
+    white, not on black (PIL's default): clip art and PNG logos are drawn for a white page."""
+    if "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info:
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, img)
+        return Image.alpha_composite(bg, img).convert("RGB")
     return img.convert("RGB")
 
 
@@ -95,9 +100,15 @@ def decode_caption(raw: bytes | str, key: str) -> str:
         raise BadSample(f"caption of sample {key!r} is not UTF-8 ({e.reason} at byte {e.start})") from e
 
 
+def split_captions(text: str | bytes, key: str = "?") -> list[str]:
+    """The captions of a text field: one per line, stripped, empty lines dropped (bytes: UTF-8, see
+    :func:`decode_caption`)."""
+    return [ln.strip() for ln in decode_caption(text, key).splitlines() if ln.strip()]
+
+
 def pick_caption(text: str, key: str, rng: random.Random | None) -> str:
     """One caption from a text field holding one or several (one per line); random when ``rng`` is given."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = split_captions(text, key)
     if not lines:
         raise BadSample(f"sample {key!r} has an empty caption")
     return rng.choice(lines) if rng is not None and len(lines) > 1 else lines[0]

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from alignkit.data.samples import split_captions
 from alignkit.features.cache import cache_key, weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -296,7 +297,7 @@ class TeacherEmbeddingStore:
 
 def iter_all_captions(text: str) -> Iterable[str]:
     """Every caption line of a sample (the training pipeline may pick any of them)."""
-    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return split_captions(text)
 
 
 def _raw_pairs(datamodule: Any) -> Iterable[tuple[str, Any, list[str]]]:
