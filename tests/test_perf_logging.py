@@ -16,6 +16,7 @@ def test_diagnostics_are_logged_on_every_step_the_logger_writes(tmp_path):
             "+experiment=smoke",
             "trainer.max_steps=7",
             "trainer.log_every_n_steps=3",
+            "trainer.accumulate_grad_batches=2",
             "callbacks.checkpoint=null",
         ],
         tmp_path,
@@ -28,5 +29,7 @@ def test_diagnostics_are_logged_on_every_step_the_logger_writes(tmp_path):
     for r in logged:
         for key in ("train/modality_gap", "train/loss_rafa", "train/loss_hycd", "data/batch_global"):
             assert r[key] != "", (key, r)
+        # smoke: 32 per device, 1 device, accumulation 2 -> 64 samples per optimizer step
+        assert (float(r["data/batch_per_device"]), float(r["data/batch_global"])) == (32.0, 64.0)
     # the final step's diagnostics reach callback_metrics (the run summary) even off the logging grid
     assert {"train/loss", "train/modality_gap", "train/loss_hycd"} <= set(summary["metrics"])

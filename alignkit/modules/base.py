@@ -24,6 +24,14 @@ def no_weight_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim < 2 or "logit_scale" in name or "log_scale" in name or name.endswith(".bias")
 
 
+def batch_plan(per_device: int, world: int, accumulation: int) -> dict[str, float]:
+    """The logged batch sizes: per device, and global = per device × devices × nodes (= world) × accumulation."""
+    return {
+        "data/batch_per_device": float(per_device),
+        "data/batch_global": float(per_device * world * accumulation),
+    }
+
+
 class TrainingModule(L.LightningModule):
     """Base of the training modules. Subclasses set ``model``, ``loss``, ``optimizer_factory``, ``lr_schedule``."""
 
@@ -35,6 +43,8 @@ class TrainingModule(L.LightningModule):
     # State-dict prefixes of frozen weights (a teacher, frozen towers) rebuilt from their source when the module is
     # built: never written to checkpoints, so a checkpoint holds only what training changes.
     non_checkpointed_prefixes: tuple[str, ...] = ()
+    # data/batch_per_device and data/batch_global as planned for the run (see batch_plan); None: from the batch
+    batch_plan: dict[str, float] | None = None
 
     # ----- checkpoints -----
     def checkpoint_spec(self) -> dict[str, Any]:
@@ -111,9 +121,10 @@ class TrainingModule(L.LightningModule):
         )
         if "logit_scale" in out:
             scalars["train/logit_scale"] = out["logit_scale"].detach().float()
-        scalars["data/batch_per_device"] = float(batch_size)
-        scalars["data/batch_global"] = float(
-            batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        # The run's plan (set by train()) when there is one; else the batch in hand, scaled the same way.
+        scalars.update(
+            self.batch_plan
+            or batch_plan(batch_size, self.trainer.world_size, self.trainer.accumulate_grad_batches)
         )
         self.log_dict(scalars, prog_bar=False, batch_size=batch_size)
         return True

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignkit.callbacks.nonfinite import NonFiniteError
 from alignkit.eval.report import METRICS_FILE, REPORT_FILE, load_history
+from alignkit.modules.base import batch_plan
 from alignkit.run import cluster  # registers the ${ak_slurm:...} / ${ak_sweep_id:} resolvers
 from alignkit.run.checkpointing import (
     RunIdentity,
@@ -123,6 +124,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # Step-based schedule: one epoch = steps_per_epoch optimizer steps per rank (the loader ends the epoch).
     steps_per_epoch = datamodule.steps_per_epoch(trainer.world_size)
+    module.batch_plan = batch_plan(datamodule.batch_size, trainer.world_size, trainer.accumulate_grad_batches)
     optimizer_steps = (steps_per_epoch * cfg.epochs) // trainer.accumulate_grad_batches
     if trainer.max_steps == -1:
         trainer.fit_loop.epoch_loop.max_steps = optimizer_steps
