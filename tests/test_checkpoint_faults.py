@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, compose_train
+from helpers import REPO, compose_train
 
 from alignkit.run.checkpointing import clean_temp_parts, prune_step_checkpoints, resolve_ckpt_path
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from conftest import REPO, compose_train
+from helpers import REPO, compose_train
 
 from alignkit.encoders.openclip import register_shipped_configs
 from alignkit.eval.entry import evaluate

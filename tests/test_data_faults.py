@@ -160,7 +160,7 @@ def test_shard_specs_accept_globs(tmp_path):
 
 
 def test_smoke_with_webdataset_counts_the_shards_it_is_given(tmp_path):
-    from conftest import compose_train
+    from helpers import compose_train
     from hydra.utils import instantiate
 
     write_shards(tmp_path / "shards", [8, 12])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 GENERATED = [
     "data/evalsets/fashion_mnist/test/0.tar",  # make demo / scripts/build_evalsets.py (paths.data_dir)

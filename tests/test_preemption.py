@@ -161,7 +161,7 @@ def test_signal_outside_slurm_writes_last_ckpt_marks_the_run_interrupted_and_exi
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
     env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, compose_train
+from helpers import REPO, compose_train
 
 from alignkit.callbacks.nonfinite import NonFiniteError
 from alignkit.run.preflight import ConfigError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import compose_train
+from helpers import compose_train
 
 from alignkit.run.loggers import flat_hparams
 from alignkit.run.train import train

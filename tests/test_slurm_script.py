@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from conftest import REPO
+from helpers import REPO
 
 CLUSTER = REPO / "scripts" / "slurm" / "localhost_cluster.sh"
 
