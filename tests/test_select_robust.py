@@ -164,7 +164,7 @@ def test_datamodule_refuses_unknown_dedup_and_a_sample_too_small_for_k(tmp_path)
 
 
 def test_demo_default_is_the_validated_recipe_and_the_paper_recipe_is_one_experiment_away():
-    from conftest import compose_train
+    from helpers import compose_train
     from omegaconf import OmegaConf
 
     def plain(name):
