@@ -1,0 +1,1 @@
+"""Reproductions of the anchor papers: the offline replication table and the paper-scale recipes."""

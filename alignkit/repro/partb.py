@@ -1,0 +1,143 @@
+"""Part B of the offline replication: CLIP-Refine (and its baselines) on the Part A model chosen on validation.
+
+The start is a Part A run exported as an open_clip hub-layout directory and loaded by the ordinary open_clip
+encoder node (``encoder.model=local-dir:DIR``) — towers unfrozen, every parameter trained, the teacher a frozen
+copy made by the module. Rows train one epoch on the refinement pairs through ``alignkit.train.train`` and are
+evaluated by the evaluation callback at the end (validation and test sets; only validation is used for choices).
+The teacher-embedding cache is shared by the rows (same teacher, same data, deterministic preprocessing).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from alignkit.repro.rows import ROWS, Row
+
+log = logging.getLogger(__name__)
+
+__all__ = ["START_CANDIDATES", "run_part_b"]
+
+# Part A recipes whose model open_clip can hold (linear heads on the towers' last layers).
+START_CANDIDATES = ("A/last_infonce", "A/last_rs")
+
+
+def _evalset_nodes(root: Path, splits: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    return {
+        f"{sp}_{s}": {
+            "_target_": "alignkit.data.evalsets.load_eval_set",
+            "path": str(root / sp / s),
+            "name": f"{sp}_{s}",
+        }
+        for sp in splits
+        for s in ("fashion_mnist", "openclipart")
+    }
+
+
+def open_clip_dir(exported: Mapping[str, str] | str) -> Path:
+    """The open_clip hub-layout directory of a run's export (``local-dir:`` loads it)."""
+    path = Path(exported["open_clip"] if isinstance(exported, Mapping) else exported)
+    if not (path / "open_clip_config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not an open_clip hub-layout directory (no open_clip_config.json); Part B needs the "
+            "export that `encoder.model=local-dir:DIR` loads"
+        )
+    return path
+
+
+def run_part_b(
+    b_rows: Mapping[str, Row],
+    table: Mapping[str, Row],
+    results: dict[str, dict[str, float]],
+    meta: dict[str, Any],
+    sc: Any,
+    root: Path,
+    out: Path,
+    cache_dir: Path,
+    evalsets: Mapping[str, Any],
+    run_a: Callable[..., tuple[dict, dict]],
+    clock: Callable[[str], None],
+) -> None:
+    from alignkit.evaluate import evaluate_sets
+    from alignkit.repro.offline import QUIET, _split, _train, val_score
+
+    # 1. The start: the best exportable Part A recipe on validation (seed 0, bias-free text head).
+    starts: dict[str, tuple[float, Path]] = {}
+    for cand in START_CANDIDATES:
+        _, va = run_a(cand, table.get(cand, ROWS[cand]), sc.seeds[0], ["+module.text_head.bias=false"])
+        starts[cand] = (val_score(va), open_clip_dir(va["_summary"]["exported"]))
+    chosen = max(starts, key=lambda c: starts[c][0])
+    start = starts[chosen][1]
+    meta["choices"]["B start"] = {"val_score": {c: v for c, (v, _) in starts.items()}, "chosen": chosen}
+    meta["b_start_dir"] = str(start)
+    clock(f"Part B starts from {chosen} (validation {starts[chosen][0]:.3f}), open_clip dir {start}")
+
+    common = [
+        f"encoder.model=local-dir:{start}", "encoder.pretrained=null", "encoder.force_quick_gelu=false",
+        "data.source=webdataset", f"data.train_shards={root / 'refine'}", f"data.batch_size={sc.b_batch}",
+        "data.num_workers=0", "data.pin_memory=false", "trainer=cpu", "epochs=1", f"seed={sc.seeds[0]}",
+        f"paths.cache_dir={cache_dir}", "callbacks=teacher_cache", f"callbacks.teacher_cache.root={cache_dir}/teacher",
+        *QUIET,
+        "callbacks.evaluation.at_start=false", "callbacks.evaluation.every_n_steps=0",
+        f"callbacks.evaluation.batch_size={sc.eval_batch}", "export=false", *sc.b_overrides,
+    ]  # fmt: skip
+
+    def run_b(name: str, row: Row, lr: float, splits: tuple[str, ...]) -> tuple[dict, dict]:
+        run_dir = out / "runs" / name.replace("/", "_") / f"lr{lr:g}"
+        t = time.monotonic()
+        summary = _train(
+            row.experiment,
+            [*common, f"optimizer.lr={lr}", *row.overrides],
+            run_dir,
+            _evalset_nodes(root, splits),
+        )
+        m = summary["metrics"]
+        te, va = _split(m, "test"), _split(m, "val")
+        shown = te or va
+        clock(
+            f"{name} lr {lr:g}: {summary['global_step']} steps, {time.monotonic() - t:.0f} s; "
+            f"{'test' if te else 'val'} zs {shown['zs/fashion_mnist/top1']:.3f} "
+            f"i2t {shown['ret/openclipart/i2t_r@1']:.3f} gap {shown['gap/openclipart/l2']:.3f}"
+        )
+        return te, va
+
+    # 2. B/pretrained: the start itself, through the open_clip encoder node.
+    if any(r.pretrained for r in b_rows.values()):
+        from alignkit.encoders.openclip import OpenCLIPEncoder
+
+        enc = OpenCLIPEncoder(model=f"local-dir:{start}", pretrained=None)
+        m, _ = evaluate_sets(
+            enc.module, enc.tokenizer, enc.preprocess_val, evalsets, batch_size=sc.eval_batch
+        )
+        for name, row in b_rows.items():
+            if row.pretrained:
+                results[name], meta["val"][name] = _split(m, "test"), _split(m, "val")
+                meta["seeds"][name] = [sc.seeds[0]]
+        clock(f"B/pretrained: test zs {_split(m, 'test')['zs/fashion_mnist/top1']:.3f}")
+
+    # 3. The learning rate of B/clip_refine on validation; every Part B row then uses it.
+    train_rows = {k: r for k, r in b_rows.items() if not r.pretrained}
+    ref = "B/clip_refine" if "B/clip_refine" in train_rows else next(iter(train_rows), None)
+    if ref is None:
+        return
+    sweep: dict[float, tuple[dict, dict]] = {}
+    for lr in sc.b_lrs:
+        sweep[lr] = run_b(ref, train_rows[ref], lr, ("val", "test"))
+    lr = max(sweep, key=lambda x: val_score(sweep[x][1]))
+    meta["choices"]["B lr"] = {
+        "val_score": {f"{k:g}": val_score(v[1]) for k, v in sweep.items()},
+        "chosen": lr,
+    }
+    results[ref], meta["val"][ref] = sweep[lr]
+    meta["seeds"][ref] = [sc.seeds[0]]
+    clock(f"Part B learning rate {lr:g} (validation scores {meta['choices']['B lr']['val_score']})")
+    for name, row in train_rows.items():
+        if name == ref:
+            continue
+        t = time.monotonic()
+        results[name], _ = run_b(name, row, lr, ("test",))
+        meta["seeds"][name] = [sc.seeds[0]]
+        meta["seconds"][name] = round(time.monotonic() - t, 1)
