@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup data test test-fast lint format smoke demo clean slurm-up slurm-down gpu-check
+.PHONY: setup data test test-fast lint format smoke demo reproduce clean slurm-up slurm-down gpu-check
 
 setup: ## virtualenv with pinned torch 2.14.1 / torchvision 0.29.1 and every test/lint/offline-asset extra
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -47,6 +47,9 @@ demo: setup ## the main offline job: STRUCTURE on real offline encoders (EffNet-
 
 smoke: setup ## one-minute check of the CLIP-Refine path: CLIP-Refine losses on the shipped tiny CLIP and synthetic pairs (< 1 min)
 	$(BIN)/python train.py +experiment=smoke
+
+reproduce: setup ## the offline replication table of both papers (real small encoders and data; ~30 min on 2 CPU cores)
+	$(BIN)/python scripts/reproduce.py offline --out outputs/reproduce
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     off.add_argument("--cache-dir", default=os.environ.get("ALIGNKIT_CACHE", ".cache/alignkit"))
     off.add_argument("--parts", default="A,B", help="A, B or A,B")
+    off.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a busy machine)")
     for name in ("clip_refine_coco", "structure_coco"):
         c = sub.add_parser(name, help=f"the paper-scale {name} recipe (GPU, weights, COCO)")
         c.add_argument("--out", required=True)
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         from alignkit.repro.offline import SCALES, run_offline
         from alignkit.repro.rows import rows_for
 
+        if a.threads:
+            import torch
+
+            torch.set_num_threads(a.threads)
         parts = {s.strip() for s in a.parts.split(",")}
         rows = {k: r for k, r in rows_for(SCALES[a.scale].low_n).items() if r.part in parts}
         root = a.data_root or ("data/offline_repro" + ("_tiny" if a.scale == "tiny" else ""))

@@ -113,7 +113,11 @@ def _before_after(run_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
 
 
 def _pct(m: dict[str, float], key: str) -> str:
-    return f"{100 * m[key]:.2f}" if key in m else "–"
+    """Accuracies and recalls in percent (the papers' unit); gaps as they are (×10³ for ‖·‖²/d)."""
+    if key not in m:
+        return "–"
+    scale = 1e3 if key.endswith("sq_per_dim") else 1.0 if "/gap/" in key else 100.0
+    return f"{scale * m[key]:.2f}"
 
 
 def render(name: str, recipe: dict, measured: dict[str, dict[str, float]], dry_run: bool) -> str:
@@ -168,7 +172,7 @@ def run_recipe(
         say(f"{name}: {label} (+experiment={experiment} {' '.join(ov)})")
         _train(experiment, ov, run_dir, nodes, encoder_patch=cfg_patch)
         before, after = _before_after(run_dir)
-        measured.setdefault("before (pretrained)", before)
+        measured.setdefault("before training", before)
         measured[label] = after
     text = render(name, recipe, measured, dry_run)
     (out / "recipe.md").write_text(text)

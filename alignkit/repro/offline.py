@@ -57,7 +57,7 @@ class Scale:
     splits: dict[str, int]
     seeds: tuple[int, ...] = (0, 1, 2)
     low_n: int = 1000
-    low_epochs: tuple[int, ...] = (20, 60, 150)
+    low_epochs: tuple[int, ...] = (20, 100)
     a_overrides: tuple[str, ...] = ()
     b_batch: int = 64
     b_lrs: tuple[float, ...] = (1e-6, 1e-5, 1e-4)
@@ -68,8 +68,9 @@ class Scale:
 
 SCALES = {
     "full": Scale(
-        splits=dict(fashion_align=4000, fashion_refine=1000, fashion_val=1000, fashion_test=2000,
-                    clipart_align=3000, clipart_refine=1000, clipart_val=500, clipart_test=1000),
+        splits=dict(fashion_align=3000, fashion_refine=400, fashion_val=500, fashion_test=1000,
+                    clipart_align=2000, clipart_refine=400, clipart_val=300, clipart_test=500),
+        low_epochs=(20, 100),
     ),
     "tiny": Scale(
         splits=dict(fashion_align=160, fashion_refine=40, fashion_val=60, fashion_test=100,

@@ -40,12 +40,22 @@ def _evalset_nodes(root: Path, splits: tuple[str, ...]) -> dict[str, dict[str, s
 def open_clip_dir(exported: Mapping[str, str] | str) -> Path:
     """The open_clip hub-layout directory of a run's export (``local-dir:`` loads it)."""
     path = Path(exported["open_clip"] if isinstance(exported, Mapping) else exported)
+    path = path.parent if path.is_file() else path
     if not (path / "open_clip_config.json").is_file():
         raise FileNotFoundError(
             f"{path} is not an open_clip hub-layout directory (no open_clip_config.json); Part B needs the "
             "export that `encoder.model=local-dir:DIR` loads"
         )
     return path
+
+
+def _evaluate_dir(path: Path, evalsets: Mapping[str, Any], batch_size: int) -> dict[str, float]:
+    """Metrics of an open_clip directory loaded by the encoder node, as a CLIP-Refine run starts from it."""
+    from alignkit.encoders.openclip import OpenCLIPEncoder
+    from alignkit.evaluate import evaluate_sets
+
+    enc = OpenCLIPEncoder(model=f"local-dir:{path}", pretrained=None)
+    return evaluate_sets(enc.module, enc.tokenizer, enc.preprocess_val, evalsets, batch_size=batch_size)[0]
 
 
 def run_part_b(
@@ -61,17 +71,19 @@ def run_part_b(
     run_a: Callable[..., tuple[dict, dict]],
     clock: Callable[[str], None],
 ) -> None:
-    from alignkit.evaluate import evaluate_sets
     from alignkit.repro.offline import QUIET, _split, _train, val_score
 
     # 1. The start: the best exportable Part A recipe on validation (seed 0, bias-free text head).
-    starts: dict[str, tuple[float, Path]] = {}
+    starts: dict[str, tuple[float, Path, dict]] = {}
     for cand in START_CANDIDATES:
         _, va = run_a(cand, table.get(cand, ROWS[cand]), sc.seeds[0], ["+module.text_head.bias=false"])
-        starts[cand] = (val_score(va), open_clip_dir(va["_summary"]["exported"]))
+        clean = {k: v for k, v in va.items() if not k.startswith("_")}
+        starts[cand] = (val_score(va), open_clip_dir(va["_summary"]["exported"]), clean)
     chosen = max(starts, key=lambda c: starts[c][0])
     start = starts[chosen][1]
-    meta["choices"]["B start"] = {"val_score": {c: v for c, (v, _) in starts.items()}, "chosen": chosen}
+    meta["choices"]["B start"] = {"val_score": {c: v[0] for c, v in starts.items()}, "chosen": chosen}
+    # its validation metrics through the frozen towers (cached path): B/pretrained must match them
+    meta["b_start_val_cached"] = starts[chosen][2]
     meta["b_start_dir"] = str(start)
     clock(f"Part B starts from {chosen} (validation {starts[chosen][0]:.3f}), open_clip dir {start}")
 
@@ -82,18 +94,14 @@ def run_part_b(
         f"paths.cache_dir={cache_dir}", "callbacks=teacher_cache", f"callbacks.teacher_cache.root={cache_dir}/teacher",
         *QUIET,
         "callbacks.evaluation.at_start=false", "callbacks.evaluation.every_n_steps=0",
-        f"callbacks.evaluation.batch_size={sc.eval_batch}", "export=false", *sc.b_overrides,
+        f"callbacks.evaluation.batch_size={sc.eval_batch}", *sc.b_overrides,
     ]  # fmt: skip
 
-    def run_b(name: str, row: Row, lr: float, splits: tuple[str, ...]) -> tuple[dict, dict]:
+    def run_b(name: str, row: Row, lr: float, splits: tuple[str, ...], export: bool = False) -> tuple:
         run_dir = out / "runs" / name.replace("/", "_") / f"lr{lr:g}"
         t = time.monotonic()
-        summary = _train(
-            row.experiment,
-            [*common, f"optimizer.lr={lr}", *row.overrides],
-            run_dir,
-            _evalset_nodes(root, splits),
-        )
+        ov = [*common, f"optimizer.lr={lr}", f"export={str(export).lower()}", *row.overrides]
+        summary = _train(row.experiment, ov, run_dir, _evalset_nodes(root, splits))
         m = summary["metrics"]
         te, va = _split(m, "test"), _split(m, "val")
         shown = te or va
@@ -102,42 +110,43 @@ def run_part_b(
             f"{'test' if te else 'val'} zs {shown['zs/fashion_mnist/top1']:.3f} "
             f"i2t {shown['ret/openclipart/i2t_r@1']:.3f} gap {shown['gap/openclipart/l2']:.3f}"
         )
-        return te, va
+        return te, va, summary.get("exported")
 
-    # 2. B/pretrained: the start itself, through the open_clip encoder node.
+    test_sets = {k: v for k, v in evalsets.items() if k.startswith("test_")}
+
+    # 2. B/pretrained: the start itself, loaded through the open_clip encoder node.
     if any(r.pretrained for r in b_rows.values()):
-        from alignkit.encoders.openclip import OpenCLIPEncoder
-
-        enc = OpenCLIPEncoder(model=f"local-dir:{start}", pretrained=None)
-        m, _ = evaluate_sets(
-            enc.module, enc.tokenizer, enc.preprocess_val, evalsets, batch_size=sc.eval_batch
-        )
+        m = _evaluate_dir(start, evalsets, sc.eval_batch)
         for name, row in b_rows.items():
             if row.pretrained:
                 results[name], meta["val"][name] = _split(m, "test"), _split(m, "val")
                 meta["seeds"][name] = [sc.seeds[0]]
         clock(f"B/pretrained: test zs {_split(m, 'test')['zs/fashion_mnist/top1']:.3f}")
 
-    # 3. The learning rate of B/clip_refine on validation; every Part B row then uses it.
+    # 3. The learning rate of B/clip_refine on validation (sweep runs scored on validation only and exported;
+    # the chosen one is then evaluated on test); every other Part B row uses the same learning rate.
     train_rows = {k: r for k, r in b_rows.items() if not r.pretrained}
     ref = "B/clip_refine" if "B/clip_refine" in train_rows else next(iter(train_rows), None)
     if ref is None:
         return
-    sweep: dict[float, tuple[dict, dict]] = {}
+    t = time.monotonic()
+    sweep: dict[float, tuple[dict, Path]] = {}
     for lr in sc.b_lrs:
-        sweep[lr] = run_b(ref, train_rows[ref], lr, ("val", "test"))
-    lr = max(sweep, key=lambda x: val_score(sweep[x][1]))
+        _, va, exported = run_b(ref, train_rows[ref], lr, ("val",), export=True)
+        sweep[lr] = (va, open_clip_dir(exported))
+    lr = max(sweep, key=lambda x: val_score(sweep[x][0]))
     meta["choices"]["B lr"] = {
-        "val_score": {f"{k:g}": val_score(v[1]) for k, v in sweep.items()},
+        "val_score": {f"{k:g}": val_score(v[0]) for k, v in sweep.items()},
         "chosen": lr,
     }
-    results[ref], meta["val"][ref] = sweep[lr]
-    meta["seeds"][ref] = [sc.seeds[0]]
+    results[ref] = _split(_evaluate_dir(sweep[lr][1], test_sets, sc.eval_batch), "test")
+    meta["val"][ref], meta["seeds"][ref] = sweep[lr][0], [sc.seeds[0]]
+    meta["seconds"][ref] = round(time.monotonic() - t, 1)
     clock(f"Part B learning rate {lr:g} (validation scores {meta['choices']['B lr']['val_score']})")
     for name, row in train_rows.items():
         if name == ref:
             continue
         t = time.monotonic()
-        results[name], _ = run_b(name, row, lr, ("test",))
+        results[name], _, _ = run_b(name, row, lr, ("test",))
         meta["seeds"][name] = [sc.seeds[0]]
         meta["seconds"][name] = round(time.monotonic() - t, 1)
