@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     off.add_argument("--cache-dir", default=os.environ.get("ALIGNKIT_CACHE", ".cache/alignkit"))
     off.add_argument("--parts", default="A,B", help="A, B or A,B")
-    off.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a busy machine)")
+    off.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a busy machine)"
+    )
     for name in ("clip_refine_coco", "structure_coco"):
         c = sub.add_parser(name, help=f"the paper-scale {name} recipe (GPU, weights, COCO)")
         c.add_argument("--out", required=True)
@@ -56,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if a.cmd == "offline":
-        from alignkit.repro.offline import SCALES, run_offline
-        from alignkit.repro.rows import rows_for
+        from alignkit.run.reproduce.offline import SCALES, run_offline
+        from alignkit.run.reproduce.rows import rows_for
 
         if a.threads:
             import torch
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         root = a.data_root or ("data/offline_repro" + ("_tiny" if a.scale == "tiny" else ""))
         run_offline(a.out, a.scale, root, a.cache_dir, rows, say=_say)
         return 0
-    from alignkit.repro.coco import run_recipe
+    from alignkit.run.reproduce.recipes import run_recipe
 
     run_recipe(a.cmd, a.out, a.coco_shards, a.evalsets, a.dry_run, a.overrides, a.baselines, say=_say)
     return 0

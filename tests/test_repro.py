@@ -14,9 +14,9 @@ import pytest
 from conftest import compose_train
 from PIL import Image
 
-from alignkit.repro.offline import _split, val_score
-from alignkit.repro.results import render_table
-from alignkit.repro.rows import METRICS, ROWS, rows_for
+from alignkit.run.reproduce.offline import _split, val_score
+from alignkit.run.reproduce.results import render_table
+from alignkit.run.reproduce.rows import METRICS, ROWS, rows_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -97,7 +97,7 @@ def _captions(root: Path, split: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_repro(tmp_path_factory):
-    from alignkit.repro.offline import run_offline
+    from alignkit.run.reproduce.offline import run_offline
 
     base = tmp_path_factory.mktemp("repro")
     payload = run_offline(base / "out", "tiny", base / "data", base / "cache")
@@ -148,8 +148,8 @@ def test_reduced_reproduction_split_is_disjoint(tiny_repro):
 def test_cached_evaluation_equals_the_ordinary_evaluation(tiny_repro):
     """Part A's cached-feature evaluation gives the numbers of eval.py's path (towers + heads on images)."""
     from alignkit.data.evalsets import load_eval_set
-    from alignkit.eval_entry import load_model
-    from alignkit.evaluate import evaluate_sets
+    from alignkit.eval.encode import evaluate_sets
+    from alignkit.eval.entry import load_model
 
     base, payload = tiny_repro
     model_dir = base / "out" / "runs" / "A_last_infonce" / "seed0" / "model"
@@ -179,7 +179,7 @@ def test_part_b_starts_from_the_part_a_model(tiny_repro):
     "recipe,run", [("clip_refine_coco", "CLIP-Refine"), ("structure_coco", "Linear + Last")]
 )
 def test_recipe_dry_run(tmp_path, recipe, run):
-    from alignkit.repro.coco import run_recipe
+    from alignkit.run.reproduce.recipes import run_recipe
 
     measured = run_recipe(recipe, tmp_path, None, None, dry_run=True)
     assert {"before training", run} <= set(measured)

@@ -1,7 +1,7 @@
 """The offline replication: Part A (frozen encoders, STRUCTURE) and Part B (CLIP-Refine on the Part A model).
 
 ``run_offline(out)`` builds the data splits (:mod:`alignkit.data.offline_splits`), runs every row of
-:data:`alignkit.repro.rows.ROWS` through the ordinary training entry (``alignkit.train.train`` on the composed
+:data:`alignkit.run.reproduce.rows.ROWS` through the ordinary training entry (``alignkit.run.train.train`` on the composed
 experiment + overrides, in this process), and writes ``results.json`` / ``results.md`` / ``results.png``.
 
 Choices made on the *validation* split only (the test split is evaluated, never consulted):
@@ -31,8 +31,8 @@ from omegaconf import OmegaConf, open_dict
 
 from alignkit.data.evalsets import load_eval_set
 from alignkit.data.offline_splits import ensure_offline_splits, split_overlaps
-from alignkit.repro.cached_eval import encode_cached, evaluate_export
-from alignkit.repro.rows import METRICS, Row, rows_for
+from alignkit.eval.cached import encode_cached, evaluate_export
+from alignkit.run.reproduce.rows import METRICS, Row, rows_for
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class _Clock:
 def _compose(experiment: str, overrides: Sequence[str], run_dir: Path):
     from hydra import compose, initialize_config_dir
 
-    from alignkit.train import CONFIG_DIR
+    from alignkit.run.train import CONFIG_DIR
 
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
         cfg = compose("train", overrides=[f"+experiment={experiment}", *overrides])
@@ -119,9 +119,9 @@ def _train(
     evalsets: dict | None = None,
     encoder_patch: Mapping[str, Any] | None = None,
 ) -> dict:
-    """``alignkit.train.train`` on ``+experiment=EXPERIMENT`` + overrides in ``run_dir``; ``evalsets`` /
+    """``alignkit.run.train.train`` on ``+experiment=EXPERIMENT`` + overrides in ``run_dir``; ``evalsets`` /
     ``encoder_patch`` set config values that are awkward as override strings (dicts of eval-set nodes)."""
-    from alignkit.train import train
+    from alignkit.run.train import train
 
     cfg = _compose(experiment, overrides, run_dir)
     with open_dict(cfg):
@@ -169,7 +169,7 @@ def run_offline(
 ) -> dict[str, Any]:
     """Run the reproduction into ``out`` (module docstring); returns the results dict written to results.json."""
     from alignkit.features.cache import FeatureCache
-    from alignkit.repro.results import write_results
+    from alignkit.run.reproduce.results import write_results
 
     sc = SCALES[scale] if isinstance(scale, str) else scale
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -206,7 +206,7 @@ def run_offline(
     a_rows = {k: r for k, r in table.items() if r.part == "A"}
     common_a = [
         f"data.train_shards={root / 'align'}", "data.prepare=null", f"paths.cache_dir={cache_dir}",
-        "encoder._target_=alignkit.repro.cached_eval.shared_towers", "~callbacks.evaluation",
+        "encoder._target_=alignkit.eval.cached.shared_towers", "~callbacks.evaluation",
         *QUIET, *sc.a_overrides,
     ]  # fmt: skip
     if a_rows or any(r.part == "B" for r in table.values()):
@@ -272,7 +272,7 @@ def run_offline(
     # ----- Part B: CLIP-Refine on the Part A model chosen on validation -----
     b_rows = {k: r for k, r in table.items() if r.part == "B"}
     if b_rows:
-        from alignkit.repro.partb import run_part_b
+        from alignkit.run.reproduce.part_b import run_part_b
 
         run_part_b(b_rows, table, results, meta, sc, root, out, cache_dir, evalsets, run_a, clock)
     meta["total_seconds"] = round(time.monotonic() - clock.t0, 1)

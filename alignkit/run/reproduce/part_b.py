@@ -2,7 +2,7 @@
 
 The start is a Part A run exported as an open_clip hub-layout directory and loaded by the ordinary open_clip
 encoder node (``encoder.model=local-dir:DIR``) — towers unfrozen, every parameter trained, the teacher a frozen
-copy made by the module. Rows train one epoch on the refinement pairs through ``alignkit.train.train`` and are
+copy made by the module. Rows train one epoch on the refinement pairs through ``alignkit.run.train.train`` and are
 evaluated by the evaluation callback at the end (validation and test sets; only validation is used for choices).
 The teacher-embedding cache is shared by the rows (same teacher, same data, deterministic preprocessing).
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from alignkit.repro.rows import ROWS, Row
+from alignkit.run.reproduce.rows import ROWS, Row
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def open_clip_dir(exported: Mapping[str, str] | str) -> Path:
 def _evaluate_dir(path: Path, evalsets: Mapping[str, Any], batch_size: int) -> dict[str, float]:
     """Metrics of an open_clip directory loaded by the encoder node, as a CLIP-Refine run starts from it."""
     from alignkit.encoders.openclip import OpenCLIPEncoder
-    from alignkit.evaluate import evaluate_sets
+    from alignkit.eval.encode import evaluate_sets
 
     enc = OpenCLIPEncoder(model=f"local-dir:{path}", pretrained=None)
     return evaluate_sets(enc.module, enc.tokenizer, enc.preprocess_val, evalsets, batch_size=batch_size)[0]
@@ -71,7 +71,7 @@ def run_part_b(
     run_a: Callable[..., tuple[dict, dict]],
     clock: Callable[[str], None],
 ) -> None:
-    from alignkit.repro.offline import QUIET, _split, _train, val_score
+    from alignkit.run.reproduce.offline import QUIET, _split, _train, val_score
 
     # 1. The start: the best exportable Part A recipe on validation (seed 0, bias-free text head).
     starts: dict[str, tuple[float, Path, dict]] = {}

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from alignkit.report import atomic_write_text
+from alignkit.eval.report import atomic_write_text
 
 log = logging.getLogger(__name__)
 

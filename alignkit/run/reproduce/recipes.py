@@ -1,6 +1,6 @@
 """Paper-scale recipes: ``clip_refine_coco`` and ``structure_coco`` (GPU, pretrained weights, COCO, CLIP_benchmark).
 
-Each recipe trains the released configuration through ``alignkit.train.train`` with the evaluation callback on
+Each recipe trains the released configuration through ``alignkit.run.train.train`` with the evaluation callback on
 CLIP_benchmark webdataset eval sets before and after training, then prints (and writes to ``OUT/recipe.md`` /
 ``recipe.json``) our numbers beside the paper's. ``--dry-run`` runs the very same path on the shipped tiny models
 and synthetic data (CPU, about a minute): only the encoder, the data and the sizes are swapped, so a recipe that
@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from alignkit.repro.rows import PAPER
+from alignkit.run.reproduce.rows import PAPER
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _evalsets(recipe: dict, evalsets_dir: str | None, dry_run: bool) -> dict[str
 
 
 def _before_after(run_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
-    from alignkit.report import METRICS_FILE, load_history
+    from alignkit.eval.report import METRICS_FILE, load_history
 
     hist = load_history(run_dir / METRICS_FILE)
     steps = sorted(hist)
@@ -145,7 +145,7 @@ def run_recipe(
     say: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
     """Run recipe ``name`` (module docstring) into ``out``; returns ``{run: {metric: value}}`` incl. "before"."""
-    from alignkit.repro.offline import QUIET, _train
+    from alignkit.run.reproduce.offline import QUIET, _train
 
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; one of {sorted(RECIPES)}")

@@ -1,7 +1,7 @@
 """The rows of the offline replication table, declared as data: row name -> experiment + overrides.
 
 Adding a row is one entry here (e.g. ``"B/align_uniform": Row("B", "clip_refine", ("loss=...",))``); the
-runner (:mod:`alignkit.repro.offline`) adds the data, seed and output overrides every row of its part shares.
+runner (:mod:`alignkit.run.reproduce.offline`) adds the data, seed and output overrides every row of its part shares.
 
 * Part A (frozen encoders, the STRUCTURE paper's main table offline): an experiment of ``configs/experiment`` on
   the alignment pairs; ``low_data`` rows train on the first ``low_n`` alignment samples (a seeded random mix),

@@ -3,7 +3,7 @@
 A frozen-encoder model is ``head(tower layer l)``: the towers never change, so the eval images and prompts are
 encoded once at every layer (through the same content-addressed :class:`~alignkit.features.cache.FeatureCache`
 the training features use) and each trained pair of heads is applied to the cached rows of its layers. The
-metrics are :func:`alignkit.evaluate.evaluate_embeddings` of the result — the same function, names and numbers
+metrics are :func:`alignkit.eval.encode.evaluate_embeddings` of the result — the same function, names and numbers
 as the evaluation callback (``tests/test_repro.py`` checks the two agree).
 """
 
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from alignkit.data.evalsets import ClassificationSet, EvalSet
-from alignkit.evaluate import EncodedEvalSet, _texts_and_targets, evaluate_embeddings
+from alignkit.encoders.frozen_towers import FrozenTowers, _plain
+from alignkit.eval.encode import EncodedEvalSet, _texts_and_targets, evaluate_embeddings
 from alignkit.features.cache import CachedFeatures, FeatureCache, encode_batches, feature_key
-from alignkit.structure.towers import FrozenTowers, _plain
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def evaluate_export(
     """Metrics of a frozen-encoder export directory (``model.json`` + heads) on cached eval sets."""
     from safetensors.torch import load_file
 
-    from alignkit.structure.model import aligned_from_spec
+    from alignkit.encoders.aligned import aligned_from_spec
 
     spec = json.loads((Path(model_dir) / "model.json").read_text())
     heads = load_file(str(Path(model_dir) / "model.safetensors"))
