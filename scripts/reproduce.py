@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     off.add_argument("--cache-dir", default=os.environ.get("ALIGNKIT_CACHE", ".cache/alignkit"))
     off.add_argument("--parts", default="A,B", help="A, B or A,B")
+    off.add_argument("--merge", action="store_true", help="add the rows to an existing DIR/results.json")
     off.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a busy machine)"
     )
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         parts = {s.strip() for s in a.parts.split(",")}
         rows = {k: r for k, r in rows_for(SCALES[a.scale].low_n).items() if r.part in parts}
         root = a.data_root or ("data/offline_repro" + ("_tiny" if a.scale == "tiny" else ""))
-        run_offline(a.out, a.scale, root, a.cache_dir, rows, say=_say)
+        run_offline(a.out, a.scale, root, a.cache_dir, rows, say=_say, merge=a.merge)
         return 0
     from alignkit.run.reproduce.recipes import run_recipe
 

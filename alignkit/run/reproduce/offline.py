@@ -159,6 +159,22 @@ def _split(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
     return out
 
 
+def merge_results(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """Rows of both (``new`` wins); per-row meta merged, run-level meta of each process kept under ``runs``."""
+    rows = {**old["rows"], **new["rows"]}
+    meta = dict(new["meta"])
+    for key in ("choices", "std", "seeds", "val", "seconds", "layers", "rows"):
+        meta[key] = {**old["meta"].get(key, {}), **new["meta"].get(key, {})}
+    for key in ("b_start_dir", "b_start_val_cached"):
+        if key in old["meta"] and key not in meta:
+            meta[key] = old["meta"][key]
+    runs = [*old["meta"].get("runs", [old["meta"]]), new["meta"]]
+    meta["runs"] = [{k: r.get(k) for k in ("total_seconds", "cpu_seconds", "parts")} for r in runs]
+    meta["total_seconds"] = sum(r["total_seconds"] or 0 for r in meta["runs"])
+    meta["cpu_seconds"] = sum(r["cpu_seconds"] or 0 for r in meta["runs"])
+    return {"rows": rows, "meta": meta}
+
+
 def run_offline(
     out: str | Path,
     scale: str | Scale = "full",
@@ -166,8 +182,11 @@ def run_offline(
     cache_dir: str | Path = ".cache/alignkit",
     rows: Mapping[str, Row] | None = None,
     say: Callable[[str], None] = log.info,
+    merge: bool = False,
 ) -> dict[str, Any]:
-    """Run the reproduction into ``out`` (module docstring); returns the results dict written to results.json."""
+    """Run the reproduction into ``out`` (module docstring); returns the results dict written to results.json.
+
+    ``merge``: add these rows to an existing ``out/results.json`` (parts run as separate processes)."""
     from alignkit.features.cache import FeatureCache
     from alignkit.run.reproduce.results import write_results
 
@@ -187,6 +206,7 @@ def run_offline(
         f"{sp}_{s}": load_eval_set(root / sp / s, f"{sp}_{s}") for sp in ("val", "test") for s in SETS
     }
     meta: dict[str, Any] = {
+        "parts": sorted({r.part for r in table.values()}),
         "scale": asdict(sc) | {"name": scale if isinstance(scale, str) else "custom"},
         "data_root": str(root),
         "split_counts": json.loads((root / "splits.json").read_text()),
@@ -279,6 +299,8 @@ def run_offline(
     # CPU seconds of this process (all its threads): the machine-load-independent half of the cost.
     meta["cpu_seconds"] = round(time.process_time(), 1)
     payload = {"rows": results, "meta": meta}
+    if merge and (out / "results.json").is_file():
+        payload = merge_results(json.loads((out / "results.json").read_text()), payload)
     write_results(out, payload, METRICS)
     clock(f"wrote {out / 'results.json'}, results.md, results.png")
     return payload
