@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     off.add_argument("--cache-dir", default=os.environ.get("ALIGNKIT_CACHE", ".cache/alignkit"))
     off.add_argument("--parts", default="A,B", help="A, B or A,B")
+    off.add_argument("--rows", default=None, help="only these rows (comma-separated names)")
+    off.add_argument(
+        "--b-lrs", default=None, help="Part B learning-rate grid (comma-separated; default: the scale's)"
+    )
     off.add_argument("--merge", action="store_true", help="add the rows to an existing DIR/results.json")
     off.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a busy machine)"
@@ -68,8 +72,19 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(a.threads)
         parts = {s.strip() for s in a.parts.split(",")}
         rows = {k: r for k, r in rows_for(SCALES[a.scale].low_n).items() if r.part in parts}
+        if a.rows:
+            wanted = [n.strip() for n in a.rows.split(",")]
+            unknown = sorted(set(wanted) - set(rows))
+            if unknown:
+                raise SystemExit(f"--rows: unknown rows {unknown}; known: {sorted(rows)}")
+            rows = {k: r for k, r in rows.items() if k in wanted}
         root = a.data_root or ("data/offline_repro" + ("_tiny" if a.scale == "tiny" else ""))
-        run_offline(a.out, a.scale, root, a.cache_dir, rows, say=_say, merge=a.merge)
+        scale = SCALES[a.scale]
+        if a.b_lrs:
+            from dataclasses import replace
+
+            scale = replace(scale, b_lrs=tuple(float(x) for x in a.b_lrs.split(",")))
+        run_offline(a.out, scale, root, a.cache_dir, rows, say=_say, merge=a.merge)
         return 0
     from alignkit.run.reproduce.recipes import run_recipe
 

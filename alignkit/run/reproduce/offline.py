@@ -76,7 +76,7 @@ SCALES = {
         splits=dict(fashion_align=160, fashion_refine=40, fashion_val=60, fashion_test=100,
                     clipart_align=100, clipart_refine=24, clipart_val=40, clipart_test=50),
         seeds=(0,), low_n=100, low_epochs=(2, 4), b_batch=32, b_lrs=(1e-5,),
-        a_overrides=("epochs=3", "data.batch_size=64", "data.selection.n_samples=200",
+        a_overrides=("data.batch_size=64", "data.selection.n_samples=200",
                      "loss.align.warmup_steps=5"),
     ),
 }  # fmt: skip
@@ -118,9 +118,12 @@ def _train(
     run_dir: Path,
     evalsets: dict | None = None,
     encoder_patch: Mapping[str, Any] | None = None,
+    resume: bool = True,
 ) -> dict:
     """``alignkit.run.train.train`` on ``+experiment=EXPERIMENT`` + overrides in ``run_dir``; ``evalsets`` /
-    ``encoder_patch`` set config values that are awkward as override strings (dicts of eval-set nodes)."""
+    ``encoder_patch`` set config values that are awkward as override strings (dicts of eval-set nodes).
+    ``resume``: a run directory that holds a finished run with the same settings is reused, not retrained
+    (an interrupted reproduction picks up where it stopped)."""
     from alignkit.run.train import train
 
     cfg = _compose(experiment, overrides, run_dir)
@@ -129,8 +132,18 @@ def _train(
             cfg.evalsets = OmegaConf.create(evalsets)
         for k, v in (encoder_patch or {}).items():
             cfg.encoder[k] = v
-    (run_dir / "overrides.txt").parent.mkdir(parents=True, exist_ok=True)
-    (run_dir / "overrides.txt").write_text(f"+experiment={experiment}\n" + "\n".join(overrides) + "\n")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = f"+experiment={experiment}\n" + "\n".join(overrides) + "\n"
+    if evalsets is not None or encoder_patch is not None:
+        spec += (
+            json.dumps({"evalsets": evalsets, "encoder": encoder_patch}, sort_keys=True, default=str) + "\n"
+        )
+    done = run_dir / "summary.json"
+    previous = run_dir / "overrides.txt"
+    if resume and done.is_file() and previous.is_file() and previous.read_text() == spec:
+        return json.loads(done.read_text())  # finished earlier with the very same settings
+    done.unlink(missing_ok=True)  # written by train() at the end: its presence marks a finished run
+    (run_dir / "overrides.txt").write_text(spec)
     return train(cfg)
 
 

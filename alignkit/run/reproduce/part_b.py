@@ -94,25 +94,21 @@ def run_part_b(
         f"paths.cache_dir={cache_dir}", "callbacks=teacher_cache", f"callbacks.teacher_cache.root={cache_dir}/teacher",
         *QUIET,
         "callbacks.evaluation.at_start=false", "callbacks.evaluation.every_n_steps=0",
-        f"callbacks.evaluation.batch_size={sc.eval_batch}", *sc.b_overrides,
+        f"callbacks.evaluation.batch_size={sc.eval_batch}", "export=false", *sc.b_overrides,
     ]  # fmt: skip
 
-    def run_b(name: str, row: Row, lr: float, splits: tuple[str, ...], export: bool = False) -> tuple:
+    def run_b(name: str, row: Row, lr: float) -> tuple[dict, dict]:
         run_dir = out / "runs" / name.replace("/", "_") / f"lr{lr:g}"
         t = time.monotonic()
-        ov = [*common, f"optimizer.lr={lr}", f"export={str(export).lower()}", *row.overrides]
-        summary = _train(row.experiment, ov, run_dir, _evalset_nodes(root, splits))
-        m = summary["metrics"]
-        te, va = _split(m, "test"), _split(m, "val")
-        shown = te or va
+        ov = [*common, f"optimizer.lr={lr}", *row.overrides]
+        summary = _train(row.experiment, ov, run_dir, _evalset_nodes(root, ("val", "test")))
+        te, va = _split(summary["metrics"], "test"), _split(summary["metrics"], "val")
         clock(
-            f"{name} lr {lr:g}: {summary['global_step']} steps, {time.monotonic() - t:.0f} s; "
-            f"{'test' if te else 'val'} zs {shown['zs/fashion_mnist/top1']:.3f} "
-            f"i2t {shown['ret/openclipart/i2t_r@1']:.3f} gap {shown['gap/openclipart/l2']:.3f}"
+            f"{name} lr {lr:g}: {summary['global_step']} steps, {time.monotonic() - t:.0f} s; val zs "
+            f"{va['zs/fashion_mnist/top1']:.3f} i2t {va['ret/openclipart/i2t_r@1']:.3f} "
+            f"gap {va['gap/openclipart/l2']:.3f}"
         )
-        return te, va, summary.get("exported")
-
-    test_sets = {k: v for k, v in evalsets.items() if k.startswith("test_")}
+        return te, va
 
     # 2. B/pretrained: the start itself, loaded through the open_clip encoder node.
     if any(r.pretrained for r in b_rows.values()):
@@ -123,30 +119,27 @@ def run_part_b(
                 meta["seeds"][name] = [sc.seeds[0]]
         clock(f"B/pretrained: test zs {_split(m, 'test')['zs/fashion_mnist/top1']:.3f}")
 
-    # 3. The learning rate of B/clip_refine on validation (sweep runs scored on validation only and exported;
-    # the chosen one is then evaluated on test); every other Part B row uses the same learning rate.
+    # 3. The learning rate of B/clip_refine on validation; every other Part B row then uses it. Every run is
+    # evaluated on validation and test at its end with the same settings, so a run is reusable whichever role it
+    # had (a sweep point, a row); only the validation numbers are compared.
     train_rows = {k: r for k, r in b_rows.items() if not r.pretrained}
     ref = "B/clip_refine" if "B/clip_refine" in train_rows else next(iter(train_rows), None)
     if ref is None:
         return
     t = time.monotonic()
-    sweep: dict[float, tuple[dict, Path]] = {}
-    for lr in sc.b_lrs:
-        _, va, exported = run_b(ref, train_rows[ref], lr, ("val",), export=True)
-        sweep[lr] = (va, open_clip_dir(exported))
-    lr = max(sweep, key=lambda x: val_score(sweep[x][0]))
+    sweep = {lr: run_b(ref, train_rows[ref], lr) for lr in sc.b_lrs}
+    lr = max(sweep, key=lambda x: val_score(sweep[x][1]))
     meta["choices"]["B lr"] = {
-        "val_score": {f"{k:g}": val_score(v[0]) for k, v in sweep.items()},
+        "val_score": {f"{k:g}": val_score(v[1]) for k, v in sweep.items()},
         "chosen": lr,
     }
-    results[ref] = _split(_evaluate_dir(sweep[lr][1], test_sets, sc.eval_batch), "test")
-    meta["val"][ref], meta["seeds"][ref] = sweep[lr][0], [sc.seeds[0]]
-    meta["seconds"][ref] = round(time.monotonic() - t, 1)
+    results[ref], meta["val"][ref] = sweep[lr]
+    meta["seeds"][ref], meta["seconds"][ref] = [sc.seeds[0]], round(time.monotonic() - t, 1)
     clock(f"Part B learning rate {lr:g} (validation scores {meta['choices']['B lr']['val_score']})")
     for name, row in train_rows.items():
         if name == ref:
             continue
         t = time.monotonic()
-        results[name], _, _ = run_b(name, row, lr, ("test",))
+        results[name], meta["val"][name] = run_b(name, row, lr)
         meta["seeds"][name] = [sc.seeds[0]]
         meta["seconds"][name] = round(time.monotonic() - t, 1)

@@ -52,7 +52,7 @@ ROWS: dict[str, Row] = {
     "A/similar_infonce": Row("A", "structure_offline", _BEST + _INFONCE, note="selected layers, InfoNCE"),
     "A/similar_rs": Row("A", "structure_offline", _BEST + _RS, note="selected layers + R_S"),
     "A/default": Row("A", "structure_offline", (), note="exactly what `make demo` ships"),
-    "A/cca": Row("A", "structure_offline_cca", (), note="training-free CCA on the demo's layers"),
+    "A/cca": Row("A", "structure_offline_cca", ("epochs=0",), note="training-free CCA on the demo's layers"),
     "A/last_infonce@{n}": Row("A", "structure_offline", _LAST + _INFONCE, low_data=True, note="low data"),
     "A/last_rs@{n}": Row("A", "structure_offline", _LAST + _RS, low_data=True, note="low data + R_S"),
     "B/pretrained": Row("B", "clip_refine", pretrained=True, note="the Part A model, not refined"),
