@@ -9,6 +9,7 @@ The teacher-embedding cache is shared by the rows (same teacher, same data, dete
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -112,7 +113,15 @@ def run_part_b(
 
     # 2. B/pretrained: the start itself, loaded through the open_clip encoder node.
     if any(r.pretrained for r in b_rows.values()):
-        m = _evaluate_dir(start, evalsets, sc.eval_batch)
+        # kept next to the runs, keyed by the start and the eval sets, so a resumed reproduction reuses it
+        saved, key = (
+            out / "runs" / "B_pretrained" / "metrics.json",
+            {"start": str(start), "sets": sorted(evalsets)},
+        )
+        old = json.loads(saved.read_text()) if saved.is_file() else {}
+        m = old["metrics"] if old.get("key") == key else _evaluate_dir(start, evalsets, sc.eval_batch)
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps({"key": key, "metrics": m}, indent=1))
         for name, row in b_rows.items():
             if row.pretrained:
                 results[name], meta["val"][name] = _split(m, "test"), _split(m, "val")
