@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     off.add_argument(
         "--b-lrs", default=None, help="Part B learning-rate grid (comma-separated; default: the scale's)"
     )
+    off.add_argument(
+        "--only-finished",
+        action="store_true",
+        help="train nothing: the table of the runs already finished in DIR",
+    )
     off.add_argument("--merge", action="store_true", help="add the rows to an existing DIR/results.json")
     off.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a busy machine)"
@@ -84,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             from dataclasses import replace
 
             scale = replace(scale, b_lrs=tuple(float(x) for x in a.b_lrs.split(",")))
-        run_offline(a.out, scale, root, a.cache_dir, rows, say=_say, merge=a.merge)
+        run_offline(
+            a.out, scale, root, a.cache_dir, rows, say=_say, merge=a.merge, only_finished=a.only_finished
+        )
         return 0
     from alignkit.run.reproduce.recipes import run_recipe
 

@@ -119,11 +119,13 @@ def _train(
     evalsets: dict | None = None,
     encoder_patch: Mapping[str, Any] | None = None,
     resume: bool = True,
+    only_finished: bool = False,
 ) -> dict:
     """``alignkit.run.train.train`` on ``+experiment=EXPERIMENT`` + overrides in ``run_dir``; ``evalsets`` /
     ``encoder_patch`` set config values that are awkward as override strings (dicts of eval-set nodes).
     ``resume``: a run directory that holds a finished run with the same settings is reused, not retrained
-    (an interrupted reproduction picks up where it stopped)."""
+    (an interrupted reproduction picks up where it stopped). ``only_finished``: raise :class:`NotRun` instead
+    of training."""
     from alignkit.run.train import train
 
     cfg = _compose(experiment, overrides, run_dir)
@@ -142,9 +144,15 @@ def _train(
     previous = run_dir / "overrides.txt"
     if resume and done.is_file() and previous.is_file() and previous.read_text() == spec:
         return json.loads(done.read_text())  # finished earlier with the very same settings
+    if only_finished:
+        raise NotRun(str(run_dir))
     done.unlink(missing_ok=True)  # written by train() at the end: its presence marks a finished run
     (run_dir / "overrides.txt").write_text(spec)
     return train(cfg)
+
+
+class NotRun(RuntimeError):
+    """A run that has not finished, met in ``only_finished`` mode."""
 
 
 def _config_key(cfg: Any) -> str:
@@ -176,7 +184,7 @@ def merge_results(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, A
     """Rows of both (``new`` wins); per-row meta merged, run-level meta of each process kept under ``runs``."""
     rows = {**old["rows"], **new["rows"]}
     meta = dict(new["meta"])
-    for key in ("choices", "std", "seeds", "val", "seconds", "layers", "rows"):
+    for key in ("choices", "std", "seeds", "val", "seconds", "layers", "rows", "partial"):
         meta[key] = {**old["meta"].get(key, {}), **new["meta"].get(key, {})}
     for key in ("b_start_dir", "b_start_val_cached"):
         if key in old["meta"] and key not in meta:
@@ -196,10 +204,13 @@ def run_offline(
     rows: Mapping[str, Row] | None = None,
     say: Callable[[str], None] = log.info,
     merge: bool = False,
+    only_finished: bool = False,
 ) -> dict[str, Any]:
     """Run the reproduction into ``out`` (module docstring); returns the results dict written to results.json.
 
-    ``merge``: add these rows to an existing ``out/results.json`` (parts run as separate processes)."""
+    ``merge``: add these rows to an existing ``out/results.json`` (parts run as separate processes).
+    ``only_finished``: train nothing; assemble the table from the runs already finished in ``out`` (rows with
+    fewer seeds or grid points than asked say so in ``meta.partial``; rows with none are left out)."""
     from alignkit.features.cache import FeatureCache
     from alignkit.run.reproduce.results import write_results
 
@@ -230,6 +241,7 @@ def run_offline(
         "seeds": {},
         "val": {},
         "seconds": {},
+        "partial": {},
     }
     for v in meta["split_counts"].values():
         v.pop("pixel_sha256", None), v.pop("images", None)
@@ -266,7 +278,7 @@ def run_offline(
             clock(f"{name} seed {seed} {' '.join(extra)}: same config as {done[key][2]}, reused")
             return done[key][0], done[key][1]
         t = time.monotonic()
-        summary = _train(row.experiment, ov, run_dir)
+        summary = _train(row.experiment, ov, run_dir, only_finished=only_finished)
         model_dir = Path(summary["exported"]["alignkit"]).parent
         m = evaluate_export(model_dir, towers, cached)
         sel = json.loads((run_dir / "selection.json").read_text())
@@ -285,21 +297,32 @@ def run_offline(
         if row.low_data:
             scores = {}
             for ep in sc.low_epochs:
-                _, v = run_a(name, row, sc.seeds[0], [f"epochs={ep}"])
-                scores[ep] = val_score(v)
+                try:
+                    scores[ep] = val_score(run_a(name, row, sc.seeds[0], [f"epochs={ep}"])[1])
+                except NotRun:
+                    meta["partial"].setdefault(name, []).append(f"epochs={ep} not run")
+            if not scores:
+                continue
             best = max(scores, key=lambda e: scores[e])
             meta["choices"][f"{name} epochs"] = {"val_score": scores, "chosen": best}
             extra = [f"epochs={best}"]
         seeds = sc.seeds[:1] if row.experiment.endswith("_cca") else sc.seeds  # CCA is deterministic
-        tests, vals = [], []
+        tests, vals, ran = [], [], []
         for s in seeds:
-            te, va = run_a(name, row, s, extra)
+            try:
+                te, va = run_a(name, row, s, extra)
+            except NotRun:
+                meta["partial"].setdefault(name, []).append(f"seed {s} not run")
+                continue
             tests.append(te)
+            ran.append(s)
             vals.append({k: v for k, v in va.items() if not k.startswith("_")})
             meta.setdefault("layers", {})[name] = [va["_layers"]["image_layer"], va["_layers"]["text_layer"]]
+        if not tests:
+            continue
         results[name], meta["std"][name] = _mean_std(tests)
         meta["val"][name] = _mean_std(vals)[0]
-        meta["seeds"][name] = list(seeds)
+        meta["seeds"][name] = ran
         meta["seconds"][name] = round(time.monotonic() - t, 1)
 
     # ----- Part B: CLIP-Refine on the Part A model chosen on validation -----
@@ -307,7 +330,9 @@ def run_offline(
     if b_rows:
         from alignkit.run.reproduce.part_b import run_part_b
 
-        run_part_b(b_rows, table, results, meta, sc, root, out, cache_dir, evalsets, run_a, clock)
+        run_part_b(
+            b_rows, table, results, meta, sc, root, out, cache_dir, evalsets, run_a, clock, only_finished
+        )
     meta["total_seconds"] = round(time.monotonic() - clock.t0, 1)
     # CPU seconds of this process (all its threads): the machine-load-independent half of the cost.
     meta["cpu_seconds"] = round(time.process_time(), 1)

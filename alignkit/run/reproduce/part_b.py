@@ -71,15 +71,22 @@ def run_part_b(
     evalsets: Mapping[str, Any],
     run_a: Callable[..., tuple[dict, dict]],
     clock: Callable[[str], None],
+    only_finished: bool = False,
 ) -> None:
-    from alignkit.run.reproduce.offline import QUIET, _split, _train, val_score
+    from alignkit.run.reproduce.offline import QUIET, NotRun, _split, _train, val_score
 
     # 1. The start: the best exportable Part A recipe on validation (seed 0, bias-free text head).
     starts: dict[str, tuple[float, Path, dict]] = {}
     for cand in START_CANDIDATES:
-        _, va = run_a(cand, table.get(cand, ROWS[cand]), sc.seeds[0], ["+module.text_head.bias=false"])
+        try:
+            _, va = run_a(cand, table.get(cand, ROWS[cand]), sc.seeds[0], ["+module.text_head.bias=false"])
+        except NotRun:
+            meta["partial"].setdefault("B start", []).append(f"{cand} not run")
+            continue
         clean = {k: v for k, v in va.items() if not k.startswith("_")}
         starts[cand] = (val_score(va), open_clip_dir(va["_summary"]["exported"]), clean)
+    if not starts:
+        return
     chosen = max(starts, key=lambda c: starts[c][0])
     start = starts[chosen][1]
     meta["choices"]["B start"] = {"val_score": {c: v[0] for c, v in starts.items()}, "chosen": chosen}
@@ -102,7 +109,9 @@ def run_part_b(
         run_dir = out / "runs" / name.replace("/", "_") / f"lr{lr:g}"
         t = time.monotonic()
         ov = [*common, f"optimizer.lr={lr}", *row.overrides]
-        summary = _train(row.experiment, ov, run_dir, _evalset_nodes(root, ("val", "test")))
+        summary = _train(
+            row.experiment, ov, run_dir, _evalset_nodes(root, ("val", "test")), only_finished=only_finished
+        )
         te, va = _split(summary["metrics"], "test"), _split(summary["metrics"], "val")
         clock(
             f"{name} lr {lr:g}: {summary['global_step']} steps, {time.monotonic() - t:.0f} s; val zs "
@@ -119,14 +128,20 @@ def run_part_b(
             {"start": str(start), "sets": sorted(evalsets)},
         )
         old = json.loads(saved.read_text()) if saved.is_file() else {}
-        m = old["metrics"] if old.get("key") == key else _evaluate_dir(start, evalsets, sc.eval_batch)
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps({"key": key, "metrics": m}, indent=1))
+        if old.get("key") == key:
+            m = old["metrics"]
+        elif only_finished:
+            m = {}
+        else:
+            m = _evaluate_dir(start, evalsets, sc.eval_batch)
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps({"key": key, "metrics": m}, indent=1))
         for name, row in b_rows.items():
-            if row.pretrained:
+            if row.pretrained and m:
                 results[name], meta["val"][name] = _split(m, "test"), _split(m, "val")
                 meta["seeds"][name] = [sc.seeds[0]]
-        clock(f"B/pretrained: test zs {_split(m, 'test')['zs/fashion_mnist/top1']:.3f}")
+        if m:
+            clock(f"B/pretrained: test zs {_split(m, 'test')['zs/fashion_mnist/top1']:.3f}")
 
     # 3. The learning rate of B/clip_refine on validation; every other Part B row then uses it. Every run is
     # evaluated on validation and test at its end with the same settings, so a run is reusable whichever role it
@@ -136,7 +151,14 @@ def run_part_b(
     if ref is None:
         return
     t = time.monotonic()
-    sweep = {lr: run_b(ref, train_rows[ref], lr) for lr in sc.b_lrs}
+    sweep = {}
+    for lr in sc.b_lrs:
+        try:
+            sweep[lr] = run_b(ref, train_rows[ref], lr)
+        except NotRun:
+            meta["partial"].setdefault(ref, []).append(f"lr {lr:g} not run")
+    if not sweep:
+        return
     lr = max(sweep, key=lambda x: val_score(sweep[x][1]))
     meta["choices"]["B lr"] = {
         "val_score": {f"{k:g}": val_score(v[1]) for k, v in sweep.items()},
@@ -149,6 +171,10 @@ def run_part_b(
         if name == ref:
             continue
         t = time.monotonic()
-        results[name], meta["val"][name] = run_b(name, row, lr)
+        try:
+            results[name], meta["val"][name] = run_b(name, row, lr)
+        except NotRun:
+            meta["partial"].setdefault(name, []).append(f"lr {lr:g} not run")
+            continue
         meta["seeds"][name] = [sc.seeds[0]]
         meta["seconds"][name] = round(time.monotonic() - t, 1)

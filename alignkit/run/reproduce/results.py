@@ -84,6 +84,7 @@ def write_results(out: str | Path, payload: Mapping[str, Any], metrics: Sequence
         "\nChoices made on the validation split:\n",
         *(f"* {k}: {json.dumps(v, default=str)}\n" for k, v in meta.get("choices", {}).items()),
         f"\nSelected layers (image/text) per Part A row: {json.dumps(meta.get('layers', {}))}\n",
+        *(f"\nPartial: {json.dumps(meta['partial'])}\n",) * bool(meta.get("partial")),
         f"\nTotal time: {meta.get('total_seconds', '?')} s\n",
     ]
     atomic_write_text(out / "results.md", "".join(md))
