@@ -23,13 +23,13 @@ SHORT = {
 }
 
 
-def _cell(row: str, metric: str, rows: Mapping, std: Mapping) -> str:
+def _cell(row: str, metric: str, rows: Mapping, std: Mapping, n_seeds: int) -> str:
     v = rows.get(row, {}).get(metric)
     if v is None:
         return "–"
     scale = 1e3 if metric.endswith("sq_per_dim") else 1.0
     s = std.get(row, {}).get(metric)
-    return f"{v * scale:.3f}" + (f" ± {s * scale:.3f}" if s else "")
+    return f"{v * scale:.3f}" + (f" ± {s * scale:.3f}" if s is not None and n_seeds > 1 else "")
 
 
 def render_table(payload: Mapping[str, Any], metrics: Sequence[str]) -> str:
@@ -40,8 +40,9 @@ def render_table(payload: Mapping[str, Any], metrics: Sequence[str]) -> str:
     head = "| row | seeds | " + " | ".join(SHORT.get(m, m) for m in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for row in rows:
-        cells = " | ".join(_cell(row, m, rows, std) for m in cols)
-        lines.append(f"| `{row}` | {len(seeds.get(row, [])) or 1} | {cells} |")
+        n = len(seeds.get(row, [])) or 1
+        cells = " | ".join(_cell(row, m, rows, std, n) for m in cols)
+        lines.append(f"| `{row}` | {n} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
