@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose_train
+from helpers import compose_train
 from PIL import Image
 
 from alignkit.run.reproduce.offline import _split, val_score
