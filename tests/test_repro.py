@@ -44,6 +44,11 @@ def test_every_row_composes_to_its_recipe(tmp_path):
     assert b["B/self_kd"].loss.hycd.alpha == 0.0 and b["B/self_kd"].loss.weights.rafa == 0.0
     assert b["B/clip_refine"].loss.weights.rafa == 1.0 and b["B/clip_refine"].loss.hycd.alpha == 0.5
     assert dict(b["B/contrastive"].loss.weights) == {"contrastive": 1.0}
+    assert dict(b["B/align_uniform"].loss.weights) == {"align": 1.0, "uniform": 1.0}
+    assert b["B/lightclip"].loss.lightclip.softening_steps == 12
+    assert dict(b["B/lightclip"].loss.weights) == {"lightclip": 1.0}
+    cm3 = compose_train([f"+experiment={ROWS['A/last_rs_cm3'].experiment}", *ROWS["A/last_rs_cm3"].overrides])
+    assert cm3.loss.weights.cm3 == 1.0 and cm3.loss.align.use_structure is True
 
 
 def test_low_data_rows_are_named_by_their_pair_count():

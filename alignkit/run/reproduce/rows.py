@@ -55,12 +55,31 @@ ROWS: dict[str, Row] = {
     "A/cca": Row("A", "structure_offline_cca", ("epochs=0",), note="training-free CCA on the demo's layers"),
     "A/last_infonce@{n}": Row("A", "structure_offline", _LAST + _INFONCE, low_data=True, note="low data"),
     "A/last_rs@{n}": Row("A", "structure_offline", _LAST + _RS, low_data=True, note="low data + R_S"),
+    "A/last_rs_cm3": Row(
+        "A",
+        "structure_offline_last_rs_cm3",
+        _LAST + _RS,
+        note="last layers + R_S + CM3 calibrated uniformity (weight 1, t = 2, s = fused cosine of the frozen inputs)",
+    ),
     "B/pretrained": Row("B", "clip_refine", pretrained=True, note="the Part A model, not refined"),
     "B/contrastive": Row("B", "clip_contrastive", note="InfoNCE fine-tune (normalised, model's scale)"),
     "B/self_kd": Row("B", "self_kd", note="HyCD with alpha = 0, no RaFA"),
     "B/hycd": Row("B", "clip_refine", ("loss.weights.rafa=0.0",), note="HyCD only"),
     "B/rafa_beta0": Row("B", "clip_refine", ("loss.rafa.beta=0.0",), note="RaFA with beta = 0 + HyCD"),
     "B/clip_refine": Row("B", "clip_refine", (), note="RaFA + HyCD (released settings)"),
+    "B/align_uniform": Row(
+        "B",
+        "clip_align_uniform",
+        note="alignment (alpha = 2) + uniformity (t = 2) in place of InfoNCE; no teacher",
+    ),
+    # The softening ramps over the whole run: full scale is 800 refinement pairs / batch 64 = 12 steps.
+    "B/lightclip": Row(
+        "B",
+        "clip_lightclip",
+        ("loss.lightclip.softening_steps=12",),
+        note="InfoNCE with targets softened linearly 0 -> 10% onto the negatives over the run (LightCLIP's "
+        "instance-level loss only)",
+    ),
 }
 
 
