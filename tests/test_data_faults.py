@@ -179,3 +179,20 @@ def test_structure_pair_table_skips_a_non_utf8_caption(tmp_path):
     urls = write_shards(tmp_path, [6], bad={"000000002": {"txt": LATIN1}})
     table = read_pairs("webdataset", urls=urls, captions="first")
     assert len(table.row_image) == 5 and "une légende" not in " ".join(table.texts)
+
+
+def test_structure_pair_table_skips_a_corrupt_image_naming_it(tmp_path, caplog):
+    from alignkit.data.pair_table import read_pairs
+
+    good = _image_bytes(Image.new("RGB", (8, 8), (200, 10, 10)))[0]
+    urls = write_shards(
+        tmp_path,
+        [6],
+        bad={"000000001": {"jpg": b"not an image"}, "000000004": {"jpg": good[: len(good) // 2]}},
+    )
+    with caplog.at_level(logging.WARNING, logger="alignkit.data.pair_table"):
+        table = read_pairs("webdataset", urls=urls, captions="first")
+    assert len(table.row_image) == 4 and len(table.image_ids) == 4
+    named = " ".join(r.getMessage() for r in caplog.records)
+    assert "000000001" in named and "000000004" in named and "2 samples" in named
+    assert len(list(table.iter_images())) == 4  # feature extraction reads only decodable images

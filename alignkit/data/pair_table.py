@@ -94,6 +94,21 @@ def _image_key(sample: dict, key: str) -> str:
     return ext
 
 
+def _image_ok(data: bytes, key: str) -> bool:
+    """Whether an image can be decoded; a corrupt one is warned about (named) and its sample skipped and counted.
+
+    Decoded in full here, not only ``verify()``-ed: a truncated JPEG passes PIL's verify and would otherwise crash
+    the feature extraction after the pair table (and its cache key) was built. Each unique image is decoded
+    again once for encoding; that is cheap next to the encoder forward.
+    """
+    try:
+        decode_image(data, key)
+    except BadSample as e:
+        log.warning("%s", e)
+        return False
+    return True
+
+
 def _captions(raw: bytes | str, mode: str, key: str = "?") -> list[str]:
     """Caption lines; ``[]`` (the sample is skipped and counted) when the bytes are not UTF-8."""
     try:
@@ -137,7 +152,11 @@ def read_pairs(
             if not lines or not any(k in sample for k in IMAGE_KEYS):
                 skipped += 1
                 continue
-            hashes.append(hashlib.sha1(sample[_image_key(sample, key)]).hexdigest())
+            data = sample[_image_key(sample, key)]
+            if not _image_ok(data, f"{key} in {url}"):
+                skipped += 1
+                continue
+            hashes.append(hashlib.sha1(data).hexdigest())
             refs.append(("wds", url, key))
             caps.append(lines)
             if limit is not None and len(refs) >= limit:
@@ -164,7 +183,11 @@ def read_pairs(
                 skipped += 1
                 continue
             if p not in digests:
-                digests[p] = hashlib.sha1(p.read_bytes()).hexdigest()
+                data = p.read_bytes()
+                digests[p] = hashlib.sha1(data).hexdigest() if _image_ok(data, str(p)) else ""
+            if not digests[p]:
+                skipped += 1
+                continue
             hashes.append(digests[p])
             refs.append(("file", str(p)))
             caps.append(lines)
@@ -183,7 +206,7 @@ def read_pairs(
     else:
         raise ValueError(f"data.source={source!r} is not one of webdataset, csv, synthetic")
     if skipped:
-        log.warning("%d samples without an image or a (UTF-8) caption were skipped", skipped)
+        log.warning("%d samples without a decodable image or a (UTF-8) caption were skipped", skipped)
     if not refs:
         raise ValueError(f"no usable image-caption pairs in {name}")
 
