@@ -28,7 +28,7 @@ import re
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -156,26 +156,31 @@ def ensure_offline_pairs(
     clipart_val: int = 500,
 ) -> Path:
     """Build (or reuse) the offline pairs and eval sets under ``root`` (module docstring); returns ``root``."""
-    root = Path(root)
     params = {k: v for k, v in locals().items() if k != "root"}
-    params["holdout"] = list(holdout)
-    params["version"] = VERSION
+    params["holdout"], params["version"] = list(holdout), VERSION
+    return build_once(Path(root), params, _build, "offline pairs")
+
+
+def build_once(root: Path, params: dict, build: Callable[[Path, dict, Path, Path], None], what: str) -> Path:
+    """Build ``root`` from Debian's Fashion-MNIST and openclipart with ``build(tmp, params, fdir, cdir)`` unless
+    its ``manifest.json`` already equals ``params``; built in a temporary sibling and renamed into place, so an
+    interrupted build never leaves a half-written ``root`` that a later run would take as finished."""
     manifest = root / "manifest.json"
     if manifest.is_file() and json.loads(manifest.read_text()) == params:
         return root
-    bad = sorted(set(holdout) - set(FASHION_CLASSES))
+    bad = sorted(set(params["holdout"]) - set(FASHION_CLASSES))
     if bad:
         raise ValueError(f"holdout classes {bad} are not Fashion-MNIST classes {FASHION_CLASSES}")
-    fdir, cdir = Path(fashion_dir), Path(openclipart_dir)
+    fdir, cdir = Path(params["fashion_dir"]), Path(params["openclipart_dir"])
     if not (fdir / "train-images-idx3-ubyte.gz").is_file():
         raise FileNotFoundError(f"{fdir}: no Fashion-MNIST; `apt-get install -y dataset-fashion-mnist`")
     if not cdir.is_dir():
         raise FileNotFoundError(f"{cdir}: no openclipart PNGs; `apt-get install -y openclipart-png`")
-    log.info("building offline pairs in %s (%s)", root, params)
+    log.info("building %s in %s (%s)", what, root, params)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".tmp-{root.name}-{uuid.uuid4().hex[:8]}"
     try:
-        _build(tmp, params, fdir, cdir)
+        build(tmp, params, fdir, cdir)
         (tmp / "manifest.json").write_text(json.dumps(params, indent=1))
         if root.exists():
             shutil.rmtree(root)

@@ -24,8 +24,6 @@ import io
 import json
 import logging
 import random
-import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ from alignkit.data.offline_pairs import (
     _clipart,
     _load_clipart,
     _write_tars,
+    build_once,
     png_bytes,
     read_idx,
 )
@@ -81,34 +80,9 @@ def ensure_offline_splits(
     openclipart_dir: str = OPENCLIPART_DIR,
 ) -> Path:
     """Build (or reuse) the four splits under ``root`` (module docstring); returns ``root``."""
-    root = Path(root)
     params = {k: v for k, v in locals().items() if k != "root"}
-    params["holdout"] = list(holdout)
-    params["version"] = VERSION
-    manifest = root / "manifest.json"
-    if manifest.is_file() and json.loads(manifest.read_text()) == params:
-        return root
-    bad = sorted(set(holdout) - set(FASHION_CLASSES))
-    if bad:
-        raise ValueError(f"holdout classes {bad} are not Fashion-MNIST classes {FASHION_CLASSES}")
-    fdir, cdir = Path(fashion_dir), Path(openclipart_dir)
-    if not (fdir / "train-images-idx3-ubyte.gz").is_file():
-        raise FileNotFoundError(f"{fdir}: no Fashion-MNIST; `apt-get install -y dataset-fashion-mnist`")
-    if not cdir.is_dir():
-        raise FileNotFoundError(f"{cdir}: no openclipart PNGs; `apt-get install -y openclipart-png`")
-    log.info("building the offline splits in %s (%s)", root, params)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".tmp-{root.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        _build(tmp, params, fdir, cdir)
-        (tmp / "manifest.json").write_text(json.dumps(params, indent=1))
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+    params["holdout"], params["version"] = list(holdout), VERSION
+    return build_once(Path(root), params, _build, "the offline splits")
 
 
 def _fashion(p: dict, fdir: Path, rng: random.Random) -> dict[str, list[tuple[str, np.ndarray, int]]]:
