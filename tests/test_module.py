@@ -17,15 +17,25 @@ from alignkit.modules.schedulers import LRSchedule
 from alignkit.run.checkpointing import AtomicCheckpointIO, atomic_torch_save
 
 
-def build(start_file, lr=1e-3):
+def build(start_file, lr=1e-3, batchnorm=False, **module_kwargs):
     enc = OpenCLIPEncoder(model="alignkit-tiny-vit", pretrained=str(start_file))
+    if (
+        batchnorm
+    ):  # a BatchNorm after the patch embedding, with non-trivial running statistics, like a CNN tower
+        conv = enc.module.visual.conv1
+        norm = torch.nn.BatchNorm2d(conv.out_channels)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(1)
+            norm.running_mean.uniform_(-1.0, 1.0, generator=gen)
+            norm.running_var.uniform_(0.5, 2.0, generator=gen)
+        enc.module.visual.conv1 = torch.nn.Sequential(conv, norm)
     loss = instantiate(compose_train(["+experiment=smoke"]).loss)
     dm = ImageTextDataModule(
         source="synthetic", num_samples=64, batch_size=16, num_workers=0, pin_memory=False
     )
     dm.attach(enc.preprocess_train, enc.preprocess_val, enc.tokenizer)
     opt = lambda groups: torch.optim.AdamW(groups, lr=lr, weight_decay=0.1)  # noqa: E731
-    return AlignModule(enc, loss, opt, LRSchedule()), dm
+    return AlignModule(enc, loss, opt, LRSchedule(), **module_kwargs), dm
 
 
 def fit(module, dm, steps, tmp_path, ckpt_path=None):
@@ -121,3 +131,44 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path):
         atomic_torch_save({"a": 2, "b": Boom()}, path)
     assert torch.load(path, weights_only=False) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_norm_stats_fixes_batchnorm_statistics_but_trains_its_weights(start_file, tmp_path, freeze):
+    module, dm = build(start_file, batchnorm=True, freeze_norm_stats=freeze)
+    norm = module.model.visual.conv1[1]
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    fit(module, dm, 2, tmp_path)
+    after = {k: v.clone() for k, v in norm.state_dict().items()}
+    assert not torch.equal(after["weight"], before["weight"]) and not torch.equal(
+        after["bias"], before["bias"]
+    )
+    if not freeze:  # released behaviour: train-mode BatchNorm re-estimates its statistics from the batches
+        assert all(not torch.equal(after[k], before[k]) for k in STATS)
+        return
+    for k in STATS:
+        assert torch.equal(after[k], before[k]), f"{k} changed although freeze_norm_stats=true"
+    # eval mode whatever toggles it: Lightning's train(), and the evaluation pass's model.train(was_training)
+    module.train()
+    assert module.model.training and module.model.visual.conv1[0].training and not norm.training
+    module.model.train(True)
+    module.on_train_batch_start({}, 0)
+    assert not norm.training and module.model.visual.training
+    # a train-mode forward normalises with the fixed running statistics (the formula, by hand)
+    x = torch.randn(4, norm.num_features, 3, 3)
+    shape = (1, -1, 1, 1)
+    scale = norm.weight.view(shape) / torch.sqrt(norm.running_var.view(shape) + norm.eps)
+    want = (x - norm.running_mean.view(shape)) * scale + norm.bias.view(shape)
+    torch.testing.assert_close(norm(x), want)
+    # resume-safe: a fresh process resuming from a checkpoint keeps the statistics fixed too
+    ckpt = tmp_path / "mid.ckpt"
+    module.trainer.save_checkpoint(ckpt)
+    resumed, dm2 = build(start_file, batchnorm=True, freeze_norm_stats=True)
+    fit(resumed, dm2, 4, tmp_path, ckpt_path=str(ckpt))
+    norm2 = resumed.model.visual.conv1[1]
+    assert resumed.global_step == 4 and not torch.equal(norm2.weight, after["weight"])
+    for k in STATS:
+        assert torch.equal(norm2.state_dict()[k], before[k]), f"{k} changed after resume"

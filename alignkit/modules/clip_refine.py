@@ -36,6 +36,11 @@ class AlignModule(TrainingModule):
         accumulation: ``none`` (Lightning's ``trainer.accumulate_grad_batches`` remains available) or
             ``cache_recompute``: the per-device batch is processed in micro-batches of ``micro_batch_size`` while the
             loss still sees every negative (:mod:`alignkit.modules.accumulation`; manual optimisation).
+        freeze_norm_stats: keep every BatchNorm layer of the student in eval mode while training: its running
+            mean / variance stay those of the starting model (normalisation uses them), while its weights and affine
+            parameters are still trained. ``False`` (default) is the released behaviour (train-mode BatchNorm). A
+            CNN tower with BatchNorm (e.g. timm's EfficientNet) otherwise re-estimates its statistics from a few small
+            refinement batches, which alone can wreck zero-shot accuracy; ViTs have no BatchNorm and are unaffected.
 
     The teacher is deep-copied at construction, i.e. from the *starting* weights, before any checkpoint is
     restored, and its weights are never written to checkpoints: a resumed run therefore distils from the original
@@ -55,6 +60,7 @@ class AlignModule(TrainingModule):
         weight_decay_on_all: bool = False,
         accumulation: str = "none",
         micro_batch_size: int | None = None,
+        freeze_norm_stats: bool = False,
     ) -> None:
         super().__init__()
         if accumulation not in ("none", "cache_recompute"):
@@ -80,13 +86,36 @@ class AlignModule(TrainingModule):
             self.teacher.requires_grad_(False)
             self.teacher.eval()
         self._skipped: dict[int, int] = {}
+        # Nothing to checkpoint: the statistics are ordinary buffers of the student's state dict, and eval mode is
+        # re-imposed from this flag after every mode switch, so a resumed run behaves like an uninterrupted one.
+        self.freeze_norm_stats = freeze_norm_stats
+        self._frozen_norms = (
+            [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if freeze_norm_stats
+            else []
+        )
+        if freeze_norm_stats:
+            log.info(
+                "module.freeze_norm_stats: %d BatchNorm layer(s) of the student kept in eval mode",
+                len(self._frozen_norms),
+            )
 
     # ----- teacher bookkeeping -----
     def train(self, mode: bool = True):
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()  # frozen: dropout off, norm statistics fixed, whatever Lightning toggles
+        self._fix_norm_stats()
         return self
+
+    def _fix_norm_stats(self) -> None:
+        for m in getattr(self, "_frozen_norms", ()):  # train() may run before __init__ has set it
+            m.eval()  # running statistics neither used from the batch nor updated; affine parameters still trained
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The evaluation pass restores the student with ``model.train(was_training)`` (alignkit/eval/encode.py),
+        # bypassing ``self.train``: re-impose eval mode on the frozen norms before every step.
+        self._fix_norm_stats()
 
     def checkpoint_spec(self) -> dict[str, Any]:
         return {"encoder": self.encoder.spec, "has_teacher": self.teacher is not None}
