@@ -21,6 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from alignkit.run.configs import CONFIG_DIR
 from alignkit.run.reproduce.rows import PAPER
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,7 @@ def _tiny_text_tower(out: Path) -> str:
 
 def _evalsets(recipe: dict, evalsets_dir: str | None, dry_run: bool) -> dict[str, dict]:
     if dry_run:
-        base = OmegaConf.to_container(
-            OmegaConf.load(Path(__file__).resolve().parents[2] / "configs" / "evalsets" / "synthetic.yaml")
-        )
+        base = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "evalsets" / "synthetic.yaml"))
         return dict(base)  # type: ignore[arg-type]
     if not evalsets_dir:
         raise ValueError("--evalsets DIR is needed (CLIP_benchmark webdataset eval sets; see --help)")
