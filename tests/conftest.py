@@ -26,17 +26,6 @@ def tiny_encoder():
 @pytest.fixture(scope="session")
 def tiny_text_dir(tmp_path_factory):
     """A 2-layer random BERT with all-MiniLM-L6-v2's tokenizer, saved like a hub model (reloadable by path)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from alignkit.run.reproduce.recipes import tiny_text_tower
 
-    from alignkit.encoders.offline import minilm_path
-
-    out = tmp_path_factory.mktemp("tiny_bert")
-    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
-    )  # fmt: skip
-    BertModel(cfg, add_pooling_layer=False).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    return tiny_text_tower(tmp_path_factory.mktemp("tiny_bert"))

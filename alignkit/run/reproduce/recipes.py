@@ -26,7 +26,7 @@ from alignkit.run.reproduce.rows import PAPER
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RECIPES", "run_recipe"]
+__all__ = ["RECIPES", "run_recipe", "tiny_text_tower"]
 
 # (label, CLIP_benchmark folder) per recipe; the paper's 12 / 24 sets as far as CLIP_benchmark carries them.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -60,7 +60,7 @@ _DRY = {
 _COMMON_DRY = ["trainer=cpu", "callbacks.evaluation.batch_size=32"]
 
 
-def _tiny_text_tower(out: Path) -> str:
+def tiny_text_tower(out: Path) -> str:
     """A 2-layer random BERT with all-MiniLM-L6-v2's tokenizer (the dry run's text tower), saved once."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -166,7 +166,7 @@ def run_recipe(
         if dry_run and name == "structure_coco":
             cfg_patch = {"vision": {"kind": "timm", "model": "test_vit", "pretrained": False, "pool": "cls",
                                     "init_seed": 0},
-                         "text": {"kind": "hf", "path": _tiny_text_tower(out / "tiny_text")}, "context_length": 16}  # fmt: skip
+                         "text": {"kind": "hf", "path": tiny_text_tower(out / "tiny_text")}, "context_length": 16}  # fmt: skip
             ov.append("data.train_shards=null")
         say(f"{name}: {label} (+experiment={experiment} {' '.join(ov)})")
         _train(experiment, ov, run_dir, nodes, encoder_patch=cfg_patch)
