@@ -1,4 +1,4 @@
-"""encode_eval_set / evaluate_embeddings with a tiny open_clip model; sharding simulated as world_size=2."""
+"""encode_eval_set_shard + gather_shards / evaluate_embeddings / evaluate_sets with a tiny open_clip model; sharding simulated as world_size=2."""
 
 import io
 import re
@@ -12,10 +12,10 @@ from PIL import Image
 from alignkit.data.evalsets import ClassificationSet, ImageList, RetrievalSet
 from alignkit.encoders.openclip import register_shipped_configs
 from alignkit.eval.encode import (
-    encode_eval_set,
     encode_eval_set_shard,
     evaluate_embeddings,
-    evaluate_model,
+    evaluate_sets,
+    gather_shards,
     merge_shards,
 )
 
@@ -54,7 +54,7 @@ def ret_set():
 def test_classification_embeddings_match_direct_encoding(tiny, cls_set):
     model, tok, pre = tiny
     model.train()
-    enc = encode_eval_set(model, tok, pre, cls_set, batch_size=3)
+    enc = gather_shards(encode_eval_set_shard(model, tok, pre, cls_set, batch_size=3))
     assert model.training  # mode restored
     assert enc.image.shape == (7, 64) and enc.text.shape == (3, 2, 64)
     model.eval()
@@ -71,7 +71,7 @@ def test_sharded_encoding_equals_unsharded(tiny, cls_set, ret_set, world_size):
     # world_size=9 leaves some ranks with no images at all (7 or 5 images).
     model, tok, pre = tiny
     for evalset in (cls_set, ret_set):
-        full = encode_eval_set(model, tok, pre, evalset, batch_size=4)
+        full = gather_shards(encode_eval_set_shard(model, tok, pre, evalset, batch_size=4))
         shards = [
             encode_eval_set_shard(model, tok, pre, evalset, 2, rank=r, world_size=world_size)
             for r in range(world_size)
@@ -87,7 +87,7 @@ def test_sharded_encoding_equals_unsharded(tiny, cls_set, ret_set, world_size):
 
 def test_retrieval_text_to_image_and_metric_keys(tiny, ret_set):
     model, tok, pre = tiny
-    enc = encode_eval_set(model, tok, pre, ret_set)
+    enc = gather_shards(encode_eval_set_shard(model, tok, pre, ret_set))
     assert enc.targets.tolist() == [0, 0, 1, 2, 2, 2, 3, 4]
     m = evaluate_embeddings(enc)
     assert {k for k in m if k.startswith("ret/")} == {
@@ -98,9 +98,10 @@ def test_retrieval_text_to_image_and_metric_keys(tiny, ret_set):
     assert all(isinstance(v, float) for v in m.values())
 
 
-def test_evaluate_model_sorted_keys(tiny, cls_set, ret_set):
+def test_evaluate_sets_sorted_keys(tiny, cls_set, ret_set):
     model, tok, pre = tiny
-    m = evaluate_model(model, tok, pre, {"a": cls_set, "b": ret_set})
+    m, kept = evaluate_sets(model, tok, pre, {"a": cls_set, "b": ret_set}, keep=["b"])
+    assert list(kept) == ["b"] and kept["b"].image.shape == (5, 64)
     assert list(m) == sorted(m)
     assert {"zs/a/top1", "zs/a/top5", "zs/a/mean_per_class_recall"} <= set(m)
     assert m["zs/a/top5"] == 1.0  # 3 classes: k clipped to 3

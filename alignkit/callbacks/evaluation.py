@@ -2,8 +2,9 @@
 
 Works with any training module that exposes ``eval_interface() -> (model, tokenizer, preprocess)``.
 Every rank encodes its strided slice of each eval set and the slices are all-gathered
-(:func:`alignkit.eval.encode.encode_eval_set`), so no rank idles at a barrier while rank 0 works; every rank
-then holds the same metrics, rank 0 logs them and writes the files.
+(:func:`alignkit.eval.encode.encode_eval_set_shard`, :func:`~alignkit.eval.encode.gather_shards`), so no rank
+idles at a barrier while rank 0 works; every rank then holds the same metrics, rank 0 logs them and writes the
+files.
 """
 
 from __future__ import annotations

@@ -31,10 +31,8 @@ from alignkit.run.distributed import world_size as dist_world
 __all__ = [
     "EncodedEvalSet",
     "EncodedShard",
-    "encode_eval_set",
     "encode_eval_set_shard",
     "evaluate_embeddings",
-    "evaluate_model",
     "evaluate_sets",
     "gather_shards",
     "merge_shards",
@@ -180,22 +178,6 @@ def gather_shards(shard: EncodedShard) -> EncodedEvalSet:
     return merge_shards([shard])
 
 
-def encode_eval_set(
-    model: torch.nn.Module,
-    tokenizer: Callable[[list[str]], Tensor],
-    preprocess: Callable,
-    evalset: EvalSet,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    autocast_dtype: torch.dtype | None = None,
-) -> EncodedEvalSet:
-    """Encode this rank's slice and gather the full embedding matrices (collective when distributed)."""
-    shard = encode_eval_set_shard(
-        model, tokenizer, preprocess, evalset, batch_size, device, autocast_dtype=autocast_dtype
-    )
-    return gather_shards(shard)
-
-
 def evaluate_embeddings(encoded: EncodedEvalSet, name: str | None = None) -> dict[str, float]:
     """Metrics dict with keys ``zs/<set>/...`` (classification) or ``ret/<set>/...`` + ``gap/<set>/...``."""
     name = name or encoded.name
@@ -233,8 +215,10 @@ def evaluate_sets(
     metrics: dict[str, float] = {}
     kept: dict[str, EncodedEvalSet] = {}
     for name, evalset in evalsets.items():
-        encoded = encode_eval_set(
-            model, tokenizer, preprocess, evalset, batch_size, device, autocast_dtype=autocast_dtype
+        encoded = gather_shards(
+            encode_eval_set_shard(
+                model, tokenizer, preprocess, evalset, batch_size, device, autocast_dtype=autocast_dtype
+            )
         )
         metrics.update(evaluate_embeddings(encoded, name))
         if name in keep:
@@ -250,15 +234,3 @@ def evaluate_sets(
             len(range(rank, n_img, world)),
         )
     return dict(sorted(metrics.items())), kept
-
-
-def evaluate_model(
-    model: torch.nn.Module,
-    tokenizer: Callable[[list[str]], Tensor],
-    preprocess: Callable,
-    evalsets: Mapping[str, EvalSet],
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-) -> dict[str, float]:
-    """Encode and score every eval set; every rank must call this (it gathers), every rank gets the dict."""
-    return evaluate_sets(model, tokenizer, preprocess, evalsets, batch_size, device)[0]
