@@ -1,29 +1,8 @@
-"""Evaluation metrics on precomputed embeddings (no model inside)."""
+"""Evaluation metrics on precomputed embeddings (no model inside); re-exports every submodule's public names."""
 
-from alignkit.metrics.geometry import (
-    Projection2D,
-    alignment,
-    gap_l2,
-    gap_sq_per_dim,
-    geometry_metrics,
-    pca_2d,
-    positive_cosine,
-    uniformity,
-)
-from alignkit.metrics.retrieval import retrieval_metrics
-from alignkit.metrics.zeroshot import zeroshot_classifier, zeroshot_logits, zeroshot_metrics
+from alignkit.metrics import geometry, retrieval, zeroshot
+from alignkit.metrics.geometry import *  # noqa: F403
+from alignkit.metrics.retrieval import *  # noqa: F403
+from alignkit.metrics.zeroshot import *  # noqa: F403
 
-__all__ = [
-    "Projection2D",
-    "alignment",
-    "gap_l2",
-    "gap_sq_per_dim",
-    "geometry_metrics",
-    "pca_2d",
-    "positive_cosine",
-    "retrieval_metrics",
-    "uniformity",
-    "zeroshot_classifier",
-    "zeroshot_logits",
-    "zeroshot_metrics",
-]
+__all__ = [*geometry.__all__, *retrieval.__all__, *zeroshot.__all__]
