@@ -45,28 +45,36 @@ def synthetic_shards(out_dir: Path, n: int, per_shard: int, seed: int = 0) -> li
     return write_shards((ds.item(i) for i in range(n)), out_dir, samples_per_shard=per_shard, overwrite=True)
 
 
-def uneven_shards(root: Path, sizes=(7, 13, 3, 17, 8)) -> tuple[str, int]:
-    """Shards of uneven sizes (default 48 samples: 2 ranks x batch 4 -> 6 steps per rank, nothing dropped) with
-    globally unique keys ``000000000..``, plus sizes.json."""
+def keyed_shards(root: Path, sizes: list[int], bad: dict[str, dict] | None = None) -> list[str]:
+    """Shards of ``sizes`` synthetic samples with globally unique keys ``000000000..``, plus sizes.json; returns the
+    shard paths. ``bad[key]`` replaces fields of that sample (a ``None`` value drops the field)."""
     import webdataset as wds
 
     from alignkit.data.shards import _image_bytes
     from alignkit.data.synthetic import SyntheticShapes
 
     root.mkdir(parents=True, exist_ok=True)
-    n = sum(sizes)
-    ds = SyntheticShapes(transform=None, num_samples=n, image_size=32, seed=0)
+    ds = SyntheticShapes(transform=None, num_samples=sum(sizes), image_size=32, seed=0)
     key, names = 0, {}
-    for i, s in enumerate(sizes):
+    for i, size in enumerate(sizes):
         name = f"{i:05d}.tar"
         with wds.TarWriter(str(root / name)) as w:
-            for _ in range(s):
+            for _ in range(size):
                 img, cap = ds.item(key)
-                w.write({"__key__": f"{key:09d}", "jpg": _image_bytes(img)[0], "txt": cap})
+                sample = {"__key__": f"{key:09d}", "jpg": _image_bytes(img)[0], "txt": cap}
+                sample.update((bad or {}).get(sample["__key__"], {}))
+                w.write({k: v for k, v in sample.items() if v is not None})
                 key += 1
-        names[name] = s
+        names[name] = size
     (root / "sizes.json").write_text(json.dumps(names))
-    return str(root), n
+    return [str(root / n) for n in names]
+
+
+def uneven_shards(root: Path, sizes=(7, 13, 3, 17, 8)) -> tuple[str, int]:
+    """:func:`keyed_shards` of uneven sizes (default 48 samples: 2 ranks x batch 4 -> 6 steps per rank, nothing
+    dropped); returns the folder and the sample count."""
+    keyed_shards(root, list(sizes))
+    return str(root), sum(sizes)
 
 
 # Runs in a new interpreter that never imports alignkit: open_clip alone must load the directory. It encodes fixed

@@ -3,7 +3,6 @@ every rank keeps the planned number of steps, an all-bad dataset fails naming it
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -11,32 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import webdataset as wds
+from helpers import keyed_shards
 from PIL import Image
 
 from alignkit.data import ImageTextDataModule
 from alignkit.data.samples import BadSample, PairTransform
 from alignkit.data.shards import _image_bytes
-from alignkit.data.synthetic import SyntheticShapes
 from alignkit.data.webdataset import expand_urls
-
-
-def write_shards(root: Path, sizes: list[int], bad: dict[str, dict] | None = None) -> list[str]:
-    """Shards of ``sizes`` samples with keys 000000000.. and sizes.json; ``bad[key]`` replaces fields of a sample."""
-    root.mkdir(parents=True, exist_ok=True)
-    ds = SyntheticShapes(transform=None, num_samples=sum(sizes), image_size=32, seed=0)
-    key, names = 0, {}
-    for i, size in enumerate(sizes):
-        name = f"{i:05d}.tar"
-        with wds.TarWriter(str(root / name)) as w:
-            for _ in range(size):
-                img, cap = ds.item(key)
-                sample = {"__key__": f"{key:09d}", "jpg": _image_bytes(img)[0], "txt": cap}
-                sample.update((bad or {}).get(sample["__key__"], {}))
-                w.write({k: v for k, v in sample.items() if v is not None})
-                key += 1
-        names[name] = size
-    (root / "sizes.json").write_text(json.dumps(names))
-    return [str(root / n) for n in names]
 
 
 def loader(tiny_encoder, root: Path, *, world: int = 1, rank: int = 0, **kw):
@@ -56,7 +36,7 @@ LATIN1 = "une légende en Latin-1".encode("latin-1")  # b"\xe9": not UTF-8
 
 @pytest.mark.parametrize("mode", ["exact", "resampled"])
 def test_non_utf8_caption_is_a_counted_skip_named_with_shard_and_key(tmp_path, tiny_encoder, caplog, mode):
-    write_shards(tmp_path, [8, 8], bad={"000000005": {"txt": LATIN1}})
+    keyed_shards(tmp_path, [8, 8], bad={"000000005": {"txt": LATIN1}})
     with caplog.at_level(logging.WARNING):
         _, batches = loader(tiny_encoder, tmp_path, mode=mode)
         batches = list(batches)
@@ -79,7 +59,7 @@ def test_every_kind_of_bad_sample_is_skipped_and_counted(tmp_path, tiny_encoder)
         "000000004": {"jpg": None},  # no image
         "000000006": {"txt": "   \n "},  # empty caption
     }
-    write_shards(tmp_path, [12, 12], bad=bad)
+    keyed_shards(tmp_path, [12, 12], bad=bad)
     _, batches = loader(tiny_encoder, tmp_path, num_workers=2, batch_size=4)
     batches = list(batches)
     keys = [k for b in batches for k in b["key"]]
@@ -111,7 +91,7 @@ def _truncate(url: str, keep_samples: int) -> None:
 
 
 def test_short_shard_is_named_and_never_padded_with_copies(tmp_path, tiny_encoder, caplog):
-    urls = write_shards(tmp_path, [16, 16, 16, 16])
+    urls = keyed_shards(tmp_path, [16, 16, 16, 16])
     _truncate(urls[1], 6)  # sizes.json still claims 16
     with caplog.at_level(logging.WARNING):
         _, batches = loader(tiny_encoder, tmp_path, batch_size=8)
@@ -127,7 +107,7 @@ def test_short_shard_is_named_and_never_padded_with_copies(tmp_path, tiny_encode
 
 
 def test_empty_shard_on_one_of_two_ranks_keeps_the_same_step_count(tmp_path, tiny_encoder):
-    urls = write_shards(tmp_path, [8, 8, 8, 8])
+    urls = keyed_shards(tmp_path, [8, 8, 8, 8])
     Path(urls[0]).write_bytes(b"")  # a 0-byte tar
     per_rank = []
     for rank in range(2):
@@ -142,15 +122,15 @@ def test_empty_shard_on_one_of_two_ranks_keeps_the_same_step_count(tmp_path, tin
 
 
 def test_all_bad_dataset_fails_naming_the_shards(tmp_path, tiny_encoder):
-    write_shards(tmp_path, [4, 4], bad={f"{i:09d}": {"txt": LATIN1} for i in range(8)})
+    keyed_shards(tmp_path, [4, 4], bad={f"{i:09d}": {"txt": LATIN1} for i in range(8)})
     _, batches = loader(tiny_encoder, tmp_path)
     with pytest.raises(RuntimeError, match=r"00000\.tar.*00001\.tar"):
         list(batches)
 
 
 def test_shard_specs_accept_globs(tmp_path):
-    urls = write_shards(tmp_path / "a", [2, 2, 2])
-    write_shards(tmp_path / "b", [2])
+    urls = keyed_shards(tmp_path / "a", [2, 2, 2])
+    keyed_shards(tmp_path / "b", [2])
     assert expand_urls(str(tmp_path / "a" / "*.tar")) == urls
     assert expand_urls(str(tmp_path / "a" / "0000[02].tar")) == [urls[0], urls[2]]
     both = expand_urls(str(tmp_path / "{a,b}" / "*.tar"))
@@ -163,7 +143,7 @@ def test_smoke_with_webdataset_counts_the_shards_it_is_given(tmp_path):
     from helpers import compose_train
     from hydra.utils import instantiate
 
-    write_shards(tmp_path / "shards", [8, 12])
+    keyed_shards(tmp_path / "shards", [8, 12])
     smoke = compose_train(["+experiment=smoke"])
     assert smoke.data.num_samples == 512  # synthetic's own default still applies
     cfg = compose_train(
@@ -176,7 +156,7 @@ def test_smoke_with_webdataset_counts_the_shards_it_is_given(tmp_path):
 def test_structure_pair_table_skips_a_non_utf8_caption(tmp_path):
     from alignkit.data.pair_table import read_pairs
 
-    urls = write_shards(tmp_path, [6], bad={"000000002": {"txt": LATIN1}})
+    urls = keyed_shards(tmp_path, [6], bad={"000000002": {"txt": LATIN1}})
     table = read_pairs("webdataset", urls=urls, captions="first")
     assert len(table.row_image) == 5 and "une légende" not in " ".join(table.texts)
 
@@ -185,7 +165,7 @@ def test_structure_pair_table_skips_a_corrupt_image_naming_it(tmp_path, caplog):
     from alignkit.data.pair_table import read_pairs
 
     good = _image_bytes(Image.new("RGB", (8, 8), (200, 10, 10)))[0]
-    urls = write_shards(
+    urls = keyed_shards(
         tmp_path,
         [6],
         bad={"000000001": {"jpg": b"not an image"}, "000000004": {"jpg": good[: len(good) // 2]}},
