@@ -4,6 +4,7 @@ invalidated by any change of teacher, preprocessing, tokenizer, precision or dat
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,12 +13,7 @@ from hydra.utils import instantiate
 
 from alignkit.callbacks.teacher_cache import TeacherCache, fingerprint_for
 from alignkit.data import ImageTextDataModule
-from alignkit.features.teacher_store import (
-    TeacherEmbeddingStore,
-    dataset_identity,
-    precompute,
-    teacher_fingerprint,
-)
+from alignkit.features.teacher_store import TeacherEmbeddingStore, dataset_identity, precompute
 from alignkit.modules.clip_refine import AlignModule
 
 
@@ -33,14 +29,8 @@ def _datamodule(encoder, **kw) -> ImageTextDataModule:
 
 
 def _fingerprint(module, dm, precision="32-true") -> str:
-    return teacher_fingerprint(
-        module.teacher,
-        preprocess=dm.preprocess_val,
-        tokenizer=dm.tokenizer,
-        dataset=dataset_identity(dm),
-        precision=precision,
-        device_type="cpu",
-    )
+    """The store fingerprint the callback computes under a trainer of ``precision`` (module on CPU)."""
+    return fingerprint_for(SimpleNamespace(precision=precision), module, dm)
 
 
 def _first_batch(dm) -> dict:
