@@ -22,16 +22,15 @@ def _module(tiny_encoder, **kw) -> ImageTextDataModule:
     return dm
 
 
+def _four_shards_two_workers(tmp_path, tiny_encoder, n: int, **kw) -> ImageTextDataModule:
+    """``n`` samples in 4 shards (2 per worker) read by 2 workers."""
+    synthetic_shards(tmp_path, n=n, per_shard=n // 4)
+    spec = str(tmp_path / "{00000..00003}.tar")
+    return _module(tiny_encoder, train_shards=spec, num_workers=2, pin_memory=False, **kw)
+
+
 def test_shards_read_completely_and_once_across_two_workers(tmp_path, tiny_encoder):
-    synthetic_shards(tmp_path, n=64, per_shard=16)  # 4 shards -> 2 per worker
-    dm = _module(
-        tiny_encoder,
-        train_shards=str(tmp_path / "{00000..00003}.tar"),
-        batch_size=8,
-        num_workers=2,
-        shuffle_buffer=0,
-        pin_memory=False,
-    )
+    dm = _four_shards_two_workers(tmp_path, tiny_encoder, n=64, batch_size=8, shuffle_buffer=0)
     assert dm.dataset_size() == 64 and dm.steps_per_epoch(1) == 8
     keys = [k for batch in dm.train_dataloader() for k in batch["key"]]
     # img2dataset keys: shard number (5 digits) + index in the shard (4 digits)
@@ -39,15 +38,7 @@ def test_shards_read_completely_and_once_across_two_workers(tmp_path, tiny_encod
 
 
 def test_shuffled_epoch_still_reads_each_sample_once(tmp_path, tiny_encoder):
-    synthetic_shards(tmp_path, n=48, per_shard=12)
-    dm = _module(
-        tiny_encoder,
-        train_shards=str(tmp_path / "{00000..00003}.tar"),
-        batch_size=6,
-        num_workers=2,
-        shuffle_buffer=20,
-        pin_memory=False,
-    )
+    dm = _four_shards_two_workers(tmp_path, tiny_encoder, n=48, batch_size=6, shuffle_buffer=20)
     batches = list(dm.train_dataloader())
     keys = [k for b in batches for k in b["key"]]
     assert len(batches) == 8 and sorted(keys) == [f"{i // 12:05d}{i % 12:04d}" for i in range(48)]
