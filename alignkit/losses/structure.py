@@ -17,7 +17,7 @@ where ``P^l`` is the l-th matrix power (l-hop random walk) and Div sums the row 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -103,20 +103,17 @@ def structure_regularizer(
     *,
     levels: int = 1,
     weighting: Weighting = "none",
-    centering: Centering = "mean",
-    center_first: bool = False,
-    similarity: Similarity = "cosine",
-    tau: float = 0.05,
-    rbf_gamma: float = 1.0,
-    mask_diagonal: bool = False,
     divergence: Divergence = "kl_from_midpoint",
     margin: float = 0.0,
     eps: float = 1e-12,
+    **walk: Any,
 ) -> Tensor:
     """R_S between an original batch ``x`` (B, D) and its aligned version ``a`` (B, d).
 
-    Runs in fp32 with autocast disabled. Defaults are the released code's (``structure_1``: L=1, no weighting,
-    mean centring after normalisation, cosine, τ=0.05, diagonal kept, KL from the midpoint, margin 0).
+    ``walk`` holds the options of :func:`transition_matrix` (``centering``, ``center_first``, ``similarity``,
+    ``tau``, ``rbf_gamma``, ``mask_diagonal``), the same for both batches. Runs in fp32 with autocast disabled.
+    Defaults are the released code's (``structure_1``: L=1, no weighting, mean centring after normalisation,
+    cosine, τ=0.05, diagonal kept, KL from the midpoint, margin 0).
     """
     if x.shape[0] != a.shape[0]:
         raise ValueError(f"x and a must have the same batch size, got {x.shape[0]} and {a.shape[0]}")
@@ -124,19 +121,10 @@ def structure_regularizer(
         raise ValueError(f"levels must be >= 1, got {levels}")
     if weighting not in ("none", "inverse"):
         raise ValueError(f"weighting must be 'none' or 'inverse', got {weighting!r}")
-    kw = dict(
-        centering=centering,
-        center_first=center_first,
-        similarity=similarity,
-        tau=tau,
-        rbf_gamma=rbf_gamma,
-        mask_diagonal=mask_diagonal,
-        eps=eps,
-    )
     # Softmax over tau=0.05 logits and matrix powers are precision-sensitive: force fp32.
     with torch.autocast(device_type=x.device.type, enabled=False):
-        p_x = transition_matrix(x.float(), **kw)
-        p_a = transition_matrix(a.float(), **kw)
+        p_x = transition_matrix(x.float(), eps=eps, **walk)
+        p_a = transition_matrix(a.float(), eps=eps, **walk)
         total = x.new_zeros((), dtype=torch.float32)
         px_l, pa_l = p_x, p_a
         for level in range(1, levels + 1):
