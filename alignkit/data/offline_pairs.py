@@ -28,7 +28,7 @@ import re
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,8 @@ __all__ = [
     "ensure_offline_pairs",
     "png_bytes",
     "read_idx",
+    "write_classification",
+    "write_retrieval",
 ]
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -139,6 +141,40 @@ def _load_clipart(f: Path, max_side: int) -> bytes | None:
     return png_bytes(rgb)
 
 
+def _draw_clipart(
+    cdir: Path,
+    p: dict,
+    rng: random.Random,
+    quotas: dict[str, int],
+    picture_id: Callable[[bytes], object],
+    dedup: Collection[str],
+) -> dict[str, list[tuple[str, bytes, list[str]]]]:
+    """Clip art (path relative to ``cdir``, PNG bytes, captions) per split of ``quotas``.
+
+    The candidates, in a seeded random order, fill the splits one after the other (in ``quotas`` order);
+    unreadable files are skipped, and so is a picture of a split in ``dedup`` whose ``picture_id`` was drawn before.
+    """
+    cands = _clipart(cdir, p["max_file_bytes"], p["max_side"])
+    order = list(range(len(cands)))
+    rng.shuffle(order)
+    out: dict[str, list[tuple[str, bytes, list[str]]]] = {s: [] for s in quotas}
+    seen: set[object] = set()
+    for i in order:
+        split = next((s for s, n in quotas.items() if len(out[s]) < n), None)
+        if split is None:
+            break
+        f, caps = cands[i]
+        data = _load_clipart(f, p["max_side"])
+        if data is None:
+            continue
+        pid = picture_id(data)
+        if split in dedup and pid in seen:
+            continue
+        seen.add(pid)
+        out[split].append((str(f.relative_to(cdir)), data, caps))
+    return out
+
+
 def ensure_offline_pairs(
     root: str | Path,
     fashion_train: int = 4000,
@@ -213,34 +249,15 @@ def _build(out: Path, p: dict, fdir: Path, cdir: Path) -> None:
                 "txt": "\n".join(caps),
             }
 
-    # openclipart: disjoint held-out (eval) and training images.
-    cands = _clipart(cdir, p["max_file_bytes"], p["max_side"])
-    order = list(range(len(cands)))
-    rng.shuffle(order)
-    test_rows: list[tuple[Path, list[str], bytes]] = []
-    train_rows: list[tuple[Path, list[str], bytes]] = []
-    val_rows: list[tuple[Path, list[str], bytes]] = []
-    seen_png: set[bytes] = set()  # a validation picture never repeats a test or train one under another name
-    for i in order:  # test, then train, then validation: adding validation leaves test and train as they were
-        split = next(
-            (rows for rows, n in ((test_rows, p["clipart_test"]), (train_rows, p["clipart_train"]),
-                                  (val_rows, p["clipart_val"])) if len(rows) < n),
-            None,
-        )  # fmt: skip
-        if split is None:
-            break
-        f, caps = cands[i]
-        data = _load_clipart(f, p["max_side"])
-        if data is None:
-            continue
-        digest = hashlib.sha1(data).digest()
-        if split is val_rows and digest in seen_png:
-            continue
-        seen_png.add(digest)
-        split.append((f, caps, data))
+    # openclipart: disjoint held-out (eval), training and validation images; test, then train, then validation, so
+    # adding validation leaves test and train as they were. A validation picture never repeats a test or train one
+    # under another name.
+    quotas = {"test": p["clipart_test"], "train": p["clipart_train"], "val": p["clipart_val"]}
+    drawn = _draw_clipart(cdir, p, rng, quotas, lambda data: hashlib.sha1(data).digest(), dedup={"val"})
+    test_rows, train_rows, val_rows = drawn["test"], drawn["train"], drawn["val"]
 
     def clipart_samples():
-        for j, (_f, caps, data) in enumerate(train_rows):
+        for j, (_rel, data, caps) in enumerate(train_rows):
             yield {"__key__": f"oc{j:05d}", "png": data, "txt": "\n".join(caps)}
 
     def mixed():
@@ -249,42 +266,18 @@ def _build(out: Path, p: dict, fdir: Path, cdir: Path) -> None:
 
     sizes = _write_tars(out / "train", mixed())
     # Eval sets (CLIP_benchmark layout, readable by alignkit.data.evalsets.load_eval_set).
-    ev = out / "eval" / "fashion_mnist"
     ti, tl = read_idx(fdir / "t10k-images-idx3-ubyte.gz"), read_idx(fdir / "t10k-labels-idx1-ubyte.gz")
     sub = sorted(random.Random(p["seed"] + 1).sample(range(len(tl)), min(p["fashion_test"], len(tl))))
-    _write_tars(
-        ev / "test",
-        (
-            {"__key__": f"{i:05d}", "png": png_bytes(Image.fromarray(ti[i], "L")), "cls": str(int(tl[i]))}
-            for i in sub
-        ),
-    )
-    (ev / "dataset_type.txt").write_text("classification\n")
-    (ev / "classnames.txt").write_text("\n".join(FASHION_CLASSES) + "\n")
-    (ev / "zeroshot_classification_templates.txt").write_text("\n".join(EVAL_TEMPLATES) + "\n")
-    _write_retrieval(out / "eval" / "openclipart", test_rows, cdir)
+    write_classification(out / "eval" / "fashion_mnist", [(f"{i:05d}", ti[i], int(tl[i])) for i in sub])
+    write_retrieval(out / "eval" / "openclipart", test_rows)
     # Validation (for choosing recipes; never the eval sets above): Fashion-MNIST *train* images of all 10 classes
     # that are not training images (nor pixel copies of training or test images), and unused clip art.
     taken = {images[i].tobytes() for i in fm} | {ti[i].tobytes() for i in sub}
     vrng = random.Random(p["seed"] + 2)
     val_pool = [i for i in range(len(labels)) if images[i].tobytes() not in taken]
     val = sorted(vrng.sample(val_pool, min(p["fashion_val"], len(val_pool))))
-    vf = out / "val" / "fashion_mnist"
-    _write_tars(
-        vf / "test",
-        (
-            {
-                "__key__": f"{i:05d}",
-                "png": png_bytes(Image.fromarray(images[i], "L")),
-                "cls": str(int(labels[i])),
-            }
-            for i in val
-        ),
-    )
-    (vf / "dataset_type.txt").write_text("classification\n")
-    (vf / "classnames.txt").write_text("\n".join(FASHION_CLASSES) + "\n")
-    (vf / "zeroshot_classification_templates.txt").write_text("\n".join(EVAL_TEMPLATES) + "\n")
-    _write_retrieval(out / "val" / "openclipart", val_rows, cdir)
+    write_classification(out / "val" / "fashion_mnist", [(f"{i:05d}", images[i], int(labels[i])) for i in val])
+    write_retrieval(out / "val" / "openclipart", val_rows)
     log.info(
         "offline pairs: %d training samples (%d Fashion-MNIST, %d openclipart) in %d shards; eval %d + %d; "
         "validation %d + %d",
@@ -293,10 +286,23 @@ def _build(out: Path, p: dict, fdir: Path, cdir: Path) -> None:
     )  # fmt: skip
 
 
-def _write_retrieval(ec: Path, rows: list[tuple[Path, list[str], bytes]], cdir: Path) -> None:
+def write_classification(ev: Path, rows: Iterable[tuple[str, np.ndarray, int]]) -> None:
+    """A Fashion-MNIST zero-shot eval set (CLIP_benchmark layout) from (key, grey pixels, label) rows."""
     _write_tars(
-        ec / "test",
-        ({"__key__": f"{j:05d}", "png": d, "txt": "\n".join(c)} for j, (_f, c, d) in enumerate(rows)),
+        ev / "test",
+        ({"__key__": key, "png": png_bytes(Image.fromarray(x, "L")), "cls": str(y)} for key, x, y in rows),
     )
-    (ec / "dataset_type.txt").write_text("retrieval\n")
-    (ec / "members.txt").write_text("".join(f"{f.relative_to(cdir)}\n" for f, _, _ in rows))
+    (ev / "dataset_type.txt").write_text("classification\n")
+    (ev / "classnames.txt").write_text("\n".join(FASHION_CLASSES) + "\n")
+    (ev / "zeroshot_classification_templates.txt").write_text("\n".join(EVAL_TEMPLATES) + "\n")
+
+
+def write_retrieval(ev: Path, rows: list[tuple[str, bytes, list[str]]]) -> None:
+    """A clip-art retrieval eval set (CLIP_benchmark layout) from (relative path, PNG bytes, captions) rows;
+    ``members.txt`` lists the source files."""
+    _write_tars(
+        ev / "test",
+        ({"__key__": f"{j:05d}", "png": d, "txt": "\n".join(c)} for j, (_, d, c) in enumerate(rows)),
+    )
+    (ev / "dataset_type.txt").write_text("retrieval\n")
+    (ev / "members.txt").write_text("".join(f"{rel}\n" for rel, _, _ in rows))

@@ -32,17 +32,17 @@ import numpy as np
 from PIL import Image
 
 from alignkit.data.offline_pairs import (
-    EVAL_TEMPLATES,
     FASHION_CLASSES,
     FASHION_DIR,
     OPENCLIPART_DIR,
     TRAIN_TEMPLATES,
-    _clipart,
-    _load_clipart,
+    _draw_clipart,
     _write_tars,
     build_once,
     png_bytes,
     read_idx,
+    write_classification,
+    write_retrieval,
 )
 
 log = logging.getLogger(__name__)
@@ -126,27 +126,9 @@ def _fashion(p: dict, fdir: Path, rng: random.Random) -> dict[str, list[tuple[st
 
 def _openclipart(p: dict, cdir: Path, rng: random.Random) -> dict[str, list[tuple[str, bytes, list[str]]]]:
     """openclipart (relative path, PNG bytes, captions) per split; one image per caption set and per picture."""
-    cands = _clipart(cdir, p["max_file_bytes"], p["max_side"])
-    order = list(range(len(cands)))
-    rng.shuffle(order)
     want = {"test": p["clipart_test"], "val": p["clipart_val"], "align": p["clipart_align"],
             "refine": p["clipart_refine"]}  # fmt: skip
-    out: dict[str, list[tuple[str, bytes, list[str]]]] = {s: [] for s in SPLITS}
-    seen: set[str] = set()
-    for i in order:
-        split = next((s for s in ("test", "val", "align", "refine") if len(out[s]) < want[s]), None)
-        if split is None:
-            break
-        f, caps = cands[i]
-        data = _load_clipart(f, p["max_side"])
-        if data is None:
-            continue
-        with Image.open(io.BytesIO(data)) as im:
-            h = pixel_hash(im)
-        if h in seen:
-            continue
-        seen.add(h)
-        out[split].append((str(f.relative_to(cdir)), data, caps))
+    out = _draw_clipart(cdir, p, rng, want, _png_hash, dedup=SPLITS)
     for s, n in want.items():
         if len(out[s]) < n:
             raise ValueError(f"openclipart has only {len(out[s])} usable images for split {s!r}, {n} asked")
@@ -172,8 +154,10 @@ def _build(out: Path, p: dict, fdir: Path, cdir: Path) -> None:
         )
         ids[split] = {"images": [s["id"] for s in samples]}
     for split in ("val", "test"):
-        _write_classification(out / split / "fashion_mnist", fm[split])
-        _write_retrieval(out / split / "openclipart", oc[split])
+        write_classification(
+            out / split / "fashion_mnist", [(f"{j:05d}", x, y) for j, (_, x, y) in enumerate(fm[split])]
+        )
+        write_retrieval(out / split / "openclipart", oc[split])
         ids[split] = {
             "images": [sid for sid, _, _ in fm[split]] + [f"openclipart:{rel}" for rel, _, _ in oc[split]]
         }
@@ -192,26 +176,6 @@ def _build(out: Path, p: dict, fdir: Path, cdir: Path) -> None:
 def _png_hash(data: bytes) -> str:
     with Image.open(io.BytesIO(data)) as im:
         return pixel_hash(im)
-
-
-def _write_classification(ev: Path, rows: list[tuple[str, np.ndarray, int]]) -> None:
-    _write_tars(
-        ev / "test",
-        ({"__key__": f"{j:05d}", "png": png_bytes(Image.fromarray(x, "L")), "cls": str(y)}
-         for j, (_, x, y) in enumerate(rows)),
-    )  # fmt: skip
-    (ev / "dataset_type.txt").write_text("classification\n")
-    (ev / "classnames.txt").write_text("\n".join(FASHION_CLASSES) + "\n")
-    (ev / "zeroshot_classification_templates.txt").write_text("\n".join(EVAL_TEMPLATES) + "\n")
-
-
-def _write_retrieval(ev: Path, rows: list[tuple[str, bytes, list[str]]]) -> None:
-    _write_tars(
-        ev / "test",
-        ({"__key__": f"{j:05d}", "png": d, "txt": "\n".join(c)} for j, (_, d, c) in enumerate(rows)),
-    )
-    (ev / "dataset_type.txt").write_text("retrieval\n")
-    (ev / "members.txt").write_text("".join(f"{rel}\n" for rel, _, _ in rows))
 
 
 def split_images(root: str | Path, split: str) -> Iterator[Image.Image]:
