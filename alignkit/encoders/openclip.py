@@ -43,19 +43,13 @@ def _weights_help(model: str, pretrained: str) -> str:
 
 
 def create_open_clip(
-    model: str,
-    pretrained: str | None = None,
-    *,
-    precision: str = "fp32",
-    cache_dir: str | None = None,
-    force_quick_gelu: bool = False,
-    image_mean: tuple[float, ...] | None = None,
-    image_std: tuple[float, ...] | None = None,
+    model: str, pretrained: str | None = None, **options: Any
 ) -> tuple[nn.Module, Any, Any]:
     """``open_clip.create_model_and_transforms`` with shipped configs registered and clear weight errors.
 
     Returns (model, train preprocess, eval preprocess). ``pretrained`` is a tag (``openai``, ``laion2b_s34b_b79k``),
-    a local file, or None for random initialisation.
+    a local file, or None for random initialisation. ``options`` go to open_clip unchanged (``precision``,
+    ``cache_dir``, ``force_quick_gelu``, ``image_mean``, ``image_std``, ...; open_clip's defaults otherwise).
     """
     register_shipped_configs()
     schema, location = open_clip.factory.parse_model_name(model)
@@ -89,15 +83,7 @@ def create_open_clip(
             f"{open_clip.list_pretrained_tags_by_model(model)} (or pass a local file path)"
         )
     try:
-        return open_clip.create_model_and_transforms(
-            model,
-            pretrained=pretrained,
-            precision=precision,
-            cache_dir=cache_dir,
-            force_quick_gelu=force_quick_gelu,
-            image_mean=image_mean,
-            image_std=image_std,
-        )
+        return open_clip.create_model_and_transforms(model, pretrained=pretrained, **options)
     except RuntimeError as e:
         if pretrained and not is_path and ("download" in str(e).lower() or "offline" in str(e).lower()):
             raise WeightsUnavailableError(_weights_help(model, pretrained)) from e
