@@ -276,7 +276,9 @@ def _build(out: Path, p: dict, fdir: Path, cdir: Path) -> None:
     vrng = random.Random(p["seed"] + 2)
     val_pool = [i for i in range(len(labels)) if images[i].tobytes() not in taken]
     val = sorted(vrng.sample(val_pool, min(p["fashion_val"], len(val_pool))))
-    write_classification(out / "val" / "fashion_mnist", [(f"{i:05d}", images[i], int(labels[i])) for i in val])
+    write_classification(
+        out / "val" / "fashion_mnist", [(f"{i:05d}", images[i], int(labels[i])) for i in val]
+    )
     write_retrieval(out / "val" / "openclipart", val_rows)
     log.info(
         "offline pairs: %d training samples (%d Fashion-MNIST, %d openclipart) in %d shards; eval %d + %d; "

@@ -42,9 +42,7 @@ def _weights_help(model: str, pretrained: str) -> str:
     )
 
 
-def create_open_clip(
-    model: str, pretrained: str | None = None, **options: Any
-) -> tuple[nn.Module, Any, Any]:
+def create_open_clip(model: str, pretrained: str | None = None, **options: Any) -> tuple[nn.Module, Any, Any]:
     """``open_clip.create_model_and_transforms`` with shipped configs registered and clear weight errors.
 
     Returns (model, train preprocess, eval preprocess). ``pretrained`` is a tag (``openai``, ``laion2b_s34b_b79k``),
