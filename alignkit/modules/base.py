@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignkit.data.batch_plan import BatchPlan
 from alignkit.modules.schedulers import LRSchedule
 
 
@@ -24,14 +25,6 @@ def no_weight_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim < 2 or "logit_scale" in name or "log_scale" in name or name.endswith(".bias")
 
 
-def batch_plan(per_device: int, world: int, accumulation: int) -> dict[str, float]:
-    """The logged batch sizes: per device, and global = per device × devices × nodes (= world) × accumulation."""
-    return {
-        "data/batch_per_device": float(per_device),
-        "data/batch_global": float(per_device * world * accumulation),
-    }
-
-
 class TrainingModule(L.LightningModule):
     """Base of the training modules. Subclasses set ``model``, ``loss``, ``optimizer_factory``, ``lr_schedule``."""
 
@@ -43,8 +36,8 @@ class TrainingModule(L.LightningModule):
     # State-dict prefixes of frozen weights (a teacher, frozen towers) rebuilt from their source when the module is
     # built: never written to checkpoints, so a checkpoint holds only what training changes.
     non_checkpointed_prefixes: tuple[str, ...] = ()
-    # data/batch_per_device and data/batch_global as planned for the run (see batch_plan); None: from the batch
-    batch_plan: dict[str, float] | None = None
+    # The run's batch plan (set by alignkit.run.build.build_run); None: a plan from the batch in hand
+    batch_plan: BatchPlan | None = None
 
     # ----- checkpoints -----
     def checkpoint_spec(self) -> dict[str, Any]:
@@ -121,10 +114,10 @@ class TrainingModule(L.LightningModule):
         )
         if "logit_scale" in out:
             scalars["train/logit_scale"] = out["logit_scale"].detach().float()
-        # The run's plan (set by train()) when there is one; else the batch in hand, scaled the same way.
-        scalars.update(
-            self.batch_plan
-            or batch_plan(batch_size, self.trainer.world_size, self.trainer.accumulate_grad_batches)
+        # The run's plan (set by build_run) when there is one; else the batch in hand, scaled the same way.
+        plan = self.batch_plan or BatchPlan(
+            batch_size, self.trainer.world_size, self.trainer.accumulate_grad_batches
         )
+        scalars.update(plan.logged())
         self.log_dict(scalars, prog_bar=False, batch_size=batch_size)
         return True

@@ -14,21 +14,13 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from alignkit.callbacks.nonfinite import NonFiniteError
 from alignkit.eval.report import METRICS_FILE, REPORT_FILE, load_history
-from alignkit.modules.base import batch_plan
-from alignkit.run import cluster  # registers the ${ak_slurm:...} / ${ak_sweep_id:} resolvers
-from alignkit.run.checkpointing import (
-    RunIdentity,
-    check_checkpoint_compatible,
-    clean_temp_parts,
-    resolve_ckpt_path,
-    run_identity,
-)
+from alignkit.run.build import ExportsItself, build_run
+from alignkit.run.checkpointing import check_checkpoint_compatible, clean_temp_parts, resolve_ckpt_path
 from alignkit.run.configs import CONFIG_DIR
 from alignkit.run.export import EXPORT_DIR, export_module
 from alignkit.run.loggers import (
@@ -41,16 +33,6 @@ from alignkit.run.loggers import (
 from alignkit.run.preflight import preflight
 
 log = logging.getLogger(__name__)
-
-
-def build_loggers(cfg: DictConfig) -> list:
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
-
-
-def build_callbacks(cfg: DictConfig) -> list:
-    return [
-        instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c
-    ]
 
 
 def finish_loggers(trainer: L.Trainer) -> None:
@@ -102,41 +84,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             clean_temp_parts(folder, older_than=started)
     L.seed_everything(cfg.seed, workers=True)
 
-    # Data first: a missing path or empty shard list fails before any model is built.
-    datamodule = instantiate(cfg.data)
-    encoder = instantiate(cfg.encoder)
-    if hasattr(datamodule, "attach"):  # image-text pipelines take the model's preprocess and tokenizer
-        datamodule.attach(encoder.preprocess_train, encoder.preprocess_val, encoder.tokenizer)
-    # Frozen-encoder data nodes cache features and select layers first; the module is built from what they found.
-    prepare = getattr(datamodule, "prepare_features", None)
-    found = prepare(encoder, run_dir) if prepare is not None else {}
-    # Built objects are passed to a partial, not to instantiate(): Hydra would turn dataclasses back into configs.
-    module = instantiate(cfg.module, _partial_=True)(
-        encoder=encoder,
-        loss=instantiate(cfg.loss),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler),
-        **found,
-    )
-    cluster.check_trainer_matches_slurm(cfg.trainer)
-    callbacks = [*build_callbacks(cfg), RunIdentity(run_identity(cfg))]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg) or False)
-
-    # Step-based schedule: one epoch = steps_per_epoch optimizer steps per rank (the loader ends the epoch).
-    steps_per_epoch = datamodule.steps_per_epoch(trainer.world_size)
-    module.batch_plan = batch_plan(datamodule.batch_size, trainer.world_size, trainer.accumulate_grad_batches)
-    optimizer_steps = (steps_per_epoch * cfg.epochs) // trainer.accumulate_grad_batches
-    if trainer.max_steps == -1:
-        trainer.fit_loop.epoch_loop.max_steps = optimizer_steps
-    log.info(
-        "%d samples, per-device batch %d, world %d, accumulation %d -> %d steps/epoch, %d optimizer steps",
-        datamodule.dataset_size(),
-        datamodule.batch_size,
-        trainer.world_size,
-        trainer.accumulate_grad_batches,
-        steps_per_epoch,
-        trainer.max_steps,
-    )
+    # Data first (a missing path fails before any model is built), then encoder, module, trainer and batch plan.
+    run = build_run(cfg)
+    module, trainer = run.module, run.trainer
     save_run_files(cfg, run_dir)
     step_prefix = str(ckpt_cfg.get("filename") or "").split("{")[0]
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir, ckpt_dir, step_prefix)
@@ -151,7 +101,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module.save_hyperparameters(hparams, logger=False)
     if trainer.is_global_zero:
         log_run_config(trainer.loggers, hparams)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    trainer.fit(module, datamodule=run.data, ckpt_path=ckpt)
     stopper = next((c for c in trainer.callbacks if getattr(c, "preempted", False)), None)
     preempted = stopper is not None
 
@@ -184,10 +134,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # card from this config and the evaluation history; frozen-tower modules also keep their own format.
         run_cfg = OmegaConf.to_container(cfg, resolve=True)
         history = load_history(run_dir / METRICS_FILE)
-        export_to = getattr(module, "export_to", None)
         summary["exported"] = (
-            export_to(run_dir, run_cfg=run_cfg, history=history)
-            if export_to
+            module.export_to(run_dir, run_cfg=run_cfg, history=history)
+            if isinstance(module, ExportsItself)
             else str(export_module(module, run_dir / EXPORT_DIR, run_cfg=run_cfg, history=history))
         )
     save_run_files(cfg, run_dir, summary)
