@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmarks: statistics, peak memory, composing alignkit the way train.py does."""
+"""Shared helpers of the benchmarks: statistics, peak memory, composing and building alignkit as train.py does."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
     from omegaconf import open_dict
 
-    from alignkit.run.train import CONFIG_DIR
+    from alignkit.run.configs import CONFIG_DIR
 
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
         cfg = hcompose(config_name="train", overrides=overrides)
@@ -107,34 +107,22 @@ def compose(overrides: list[str]):
     return cfg
 
 
-def build_module(cfg):
-    """(encoder, module) exactly as ``alignkit.run.train.train`` builds them."""
-    from hydra.utils import instantiate
+def build(cfg, steps: int, extra_callbacks: Sequence = ()):
+    """The run exactly as ``alignkit.run.train.train`` builds it (``alignkit.run.build.build_run``): data node,
+    module, trainer with the config's callbacks and loggers (+ ``extra_callbacks``) and its batch plan.
 
-    encoder = instantiate(cfg.encoder)
-    module = instantiate(cfg.module, _partial_=True)(
-        encoder=encoder,
-        loss=instantiate(cfg.loss),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler),
-    )
-    return encoder, module
+    A benchmark feeds ``steps`` batches of its own, so the config must plan one epoch of exactly ``steps`` optimizer
+    steps (e.g. ``data.num_samples`` = steps x ``data.batch_size``): the trainer then stops after them by itself."""
+    from alignkit.run.build import build_run
 
-
-def build_trainer(cfg, extra_callbacks: list | None = None, max_steps: int | None = None):
-    """The Lightning Trainer exactly as ``alignkit.run.train.train`` builds it (callbacks, loggers from the config)."""
-    from hydra.utils import instantiate
-
-    from alignkit.run.train import build_callbacks, build_loggers
-
-    trainer = instantiate(
-        cfg.trainer,
-        callbacks=build_callbacks(cfg) + list(extra_callbacks or []),
-        logger=build_loggers(cfg) or False,
-    )
-    if max_steps is not None:
-        trainer.fit_loop.epoch_loop.max_steps = max_steps
-    return trainer
+    run = build_run(cfg, extra_callbacks=extra_callbacks)
+    if (run.plan.steps_per_epoch, run.trainer.max_steps) != (steps, steps):
+        raise ValueError(
+            f"the benchmark feeds {steps} batches but the config plans {run.plan.steps_per_epoch} steps per epoch "
+            f"and {run.trainer.max_steps} optimizer steps: set data.num_samples={steps * run.plan.per_device} "
+            "(one epoch, no accumulation)"
+        )
+    return run
 
 
 def _clock_base():

@@ -51,6 +51,7 @@ def overrides(args, loss: str) -> list[str]:
         "data=synthetic",
         f"loss={loss}",
         f"data.batch_size={args.batch}",
+        f"data.num_samples={args.steps * args.batch}",  # one epoch = the args.steps batches fed below
         f"trainer.accelerator={'cpu' if args.device == 'cpu' else 'gpu'}",
         f"trainer.precision={args.precision}",
         "trainer.log_every_n_steps=50",
@@ -110,16 +111,16 @@ def measure_alignkit(args, loss: str, device: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     else:
         bc.reset_peak_rss()
+    clock = Clock(device)
     torch.manual_seed(0)
-    encoder, module = bc.build_module(cfg)
+    run = bc.build(cfg, args.steps, [clock])
+    encoder, module, trainer = run.encoder, run.module, run.trainer
     size = encoder.module.visual.image_size
     size = size[0] if isinstance(size, tuple | list) else size
     ctx = encoder.module.context_length
     batches = device_batches(args, args.steps, device, size, ctx)
     module.trainer_precision = args.precision
     flops = step_flops(module, batches[0], device)
-    clock = Clock(device)
-    trainer = bc.build_trainer(cfg, [clock], max_steps=len(batches))
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=0)
     trainer.fit(module, train_dataloaders=loader)
     steps = [b - a for a, b in itertools.pairwise(clock.ends)][args.warmup :]

@@ -84,6 +84,7 @@ def overrides(args, loss: str) -> list[str]:
         "trainer=cpu",
         f"loss={loss}",
         f"data.batch_size={args.batch}",
+        f"data.num_samples={args.steps * args.batch}",  # one epoch = the args.steps batches fed below
         f"optimizer.lr={args.lr}",
     ]
 
@@ -103,11 +104,11 @@ def lightning_run(
     args, loss: str, batches: list[dict], extra: list[str] = (), cache_store=None
 ) -> list[tuple[float, float]]:
     cfg = bc.compose(overrides(args, loss) + list(extra))
-    torch.manual_seed(0)
-    _, module = bc.build_module(cfg)
     clock = StepClock()
     cbs = [clock] + ([PrefilledTeacherCache(cache_store)] if cache_store is not None else [])
-    trainer = bc.build_trainer(cfg, cbs, max_steps=len(batches))
+    torch.manual_seed(0)
+    run = bc.build(cfg, len(batches), cbs)
+    module, trainer = run.module, run.trainer
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=0)
     trainer.fit(module, train_dataloaders=loader)
     return deltas(clock.ends)
@@ -200,10 +201,10 @@ class InterleavedBare(Callback):
 
 def interleaved_run(args, loss: str, batches: list[dict], extra: list[str] = ()) -> list[tuple[float, float]]:
     cfg = bc.compose(overrides(args, loss) + list(extra))
-    torch.manual_seed(0)
-    _, module = bc.build_module(cfg)
     pair = InterleavedBare(args, loss, batches)
-    trainer = bc.build_trainer(cfg, [pair], max_steps=len(batches))
+    torch.manual_seed(0)
+    run = bc.build(cfg, len(batches), [pair])
+    module, trainer = run.module, run.trainer
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=0)
     trainer.fit(module, train_dataloaders=loader)
     return pair.pairs
@@ -224,7 +225,7 @@ def fill_store(args, batches) -> TeacherEmbeddingStore:
     """The precompute pass (forward-only teacher over every sample); also timed, to say when the cache pays."""
     cfg = bc.compose(overrides(args, "clip_refine"))
     torch.manual_seed(0)
-    _, module = bc.build_module(cfg)
+    module = bc.build(cfg, len(batches)).module
     store = TeacherEmbeddingStore("bench")
     t0 = time.perf_counter()
     for b in batches:

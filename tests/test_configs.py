@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from helpers import TINY_VISION, compose_train, synthetic_shards
-from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from alignkit.run.train import CONFIG_DIR, build_callbacks, build_loggers
+from alignkit.run.build import build_run
+from alignkit.run.configs import CONFIG_DIR
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
@@ -42,15 +42,9 @@ def build_experiment(name: str, tmp_path: Path, shards: str, text_dir: str):
             cfg.encoder.image_size, cfg.encoder.crop_pct, cfg.encoder.context_length = None, None, 16
         else:
             cfg.encoder.model, cfg.encoder.pretrained = "alignkit-tiny-vit", None
-    data = instantiate(cfg.data)
-    encoder = instantiate(cfg.encoder)
-    module = instantiate(cfg.module, _partial_=True)(
-        encoder=encoder,
-        loss=instantiate(cfg.loss),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler),
-    )
-    trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)
+    # Every node instantiated as train() builds it; no data read (prepare=False: no features, no batch plan).
+    run = build_run(cfg, prepare=False)
+    data, module, trainer = run.data, run.module, run.trainer
     return cfg, data, module, trainer
 
 
