@@ -13,7 +13,13 @@ from alignkit.data.batch_plan import BatchPlan
 from alignkit.run.build import DataNode, build_run
 
 # smoke (tiny CLIP, synthetic pairs) on a 2-process CPU DDP trainer: the trainer is built, never launched.
-SMALL = ["+experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "data.batch_size=6", "data.num_samples=100"]
+SMALL = [
+    "+experiment=smoke",
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    "data.batch_size=6",
+    "data.num_samples=100",
+]
 
 
 @pytest.mark.parametrize(
@@ -51,7 +57,11 @@ def test_build_run_plans_the_epoch_as_worked_out_by_hand(
         devices * nodes,
         accumulation,
     )
-    assert (plan.steps_per_epoch, plan.global_batch, plan.optimizer_steps) == (steps, global_batch, optimizer_steps)
+    assert (plan.steps_per_epoch, plan.global_batch, plan.optimizer_steps) == (
+        steps,
+        global_batch,
+        optimizer_steps,
+    )
     # the trainer stops after the planned optimizer steps; the module logs the planned batch sizes
     assert run.trainer.max_steps == optimizer_steps
     assert run.module.batch_plan is plan
@@ -78,6 +88,9 @@ def test_prepare_false_builds_every_node_without_a_plan(tmp_path):
 def test_batch_plan_refuses_what_cannot_be_a_plan():
     with pytest.raises(ValueError, match="accumulation must be >= 1"):
         BatchPlan(per_device=8, accumulation=0)
+    with pytest.raises(ValueError, match="epochs must be >= 0"):
+        BatchPlan(per_device=8, steps_per_epoch=4, epochs=-1)
+    assert BatchPlan(per_device=8, steps_per_epoch=4, epochs=0).optimizer_steps == 0  # training-free runs
     with pytest.raises(ValueError, match="no epoch length"):
         BatchPlan(per_device=8, world_size=2).optimizer_steps  # noqa: B018
     assert BatchPlan(per_device=8, world_size=2, accumulation=4).global_batch == 64
@@ -132,5 +145,5 @@ def test_benchmark_trains_exactly_the_planned_steps(tmp_path, monkeypatch):
     assert (run.plan.samples, run.plan.steps_per_epoch, run.trainer.max_steps) == (12, 3, 3)
     assert run.trainer.global_step == 3 and len(times) == 2  # 3 step ends, 2 intervals
     # a config whose epoch is not the batches a benchmark feeds is refused, naming the fix
-    with pytest.raises(ValueError, match="data.num_samples=20"):
+    with pytest.raises(ValueError, match=r"data\.num_samples=20"):
         real_build(bc.compose(bench_overhead.overrides(args, "contrastive")), 5)

@@ -83,7 +83,7 @@ def test_tiny_end_to_end_cached(tmp_path, shards, tiny_text_dir):
 
 
 def test_eval_interface_is_tap_then_head(tmp_path, shards, tiny_text_dir):
-    from hydra.utils import instantiate
+    from alignkit.run.build import build_run
 
     cfg = tiny_cfg(
         tmp_path,
@@ -93,12 +93,9 @@ def test_eval_interface_is_tap_then_head(tmp_path, shards, tiny_text_dir):
         "data.image_layer=1",
         "data.text_layer=-2",
     )
-    dm, enc = instantiate(cfg.data), instantiate(cfg.encoder)
-    found = dm.prepare_features(enc, tmp_path / "run")
-    assert (found["image_layer"], found["text_layer"]) == (1, 1)
-    module = instantiate(cfg.module, _partial_=True)(
-        encoder=enc, loss=instantiate(cfg.loss), optimizer=instantiate(cfg.optimizer), **found
-    )
+    run = build_run(cfg, callbacks=False, loggers=False)  # features prepared into the run directory
+    dm, enc, module = run.data, run.encoder, run.module
+    assert (run.found["image_layer"], run.found["text_layer"]) == (1, 1)
     model, tokenizer, preprocess = module.eval_interface()
     from PIL import Image
 

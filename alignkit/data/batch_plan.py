@@ -22,7 +22,7 @@ class BatchPlan:
         accumulation: loader batches per optimizer step (``trainer.accumulate_grad_batches``).
         samples: samples in one epoch of the data node; ``None`` for a plan made from a batch in hand.
         steps_per_epoch: loader batches per rank per epoch (the data node's rounding); ``None`` likewise.
-        epochs: epochs of the run.
+        epochs: epochs of the run (0: no training step).
     """
 
     per_device: int
@@ -33,9 +33,11 @@ class BatchPlan:
     epochs: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("per_device", "world_size", "accumulation", "epochs"):
+        for name in ("per_device", "world_size", "accumulation"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"batch plan: {name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs < 0:  # 0 is a run with no training step (e.g. STRUCTURE's training-free CCA heads)
+            raise ValueError(f"batch plan: epochs must be >= 0, got {self.epochs}")
 
     @property
     def global_batch(self) -> int:
@@ -55,4 +57,7 @@ class BatchPlan:
 
     def logged(self) -> dict[str, float]:
         """What the training module logs every logging step: ``data/batch_per_device`` and ``data/batch_global``."""
-        return {"data/batch_per_device": float(self.per_device), "data/batch_global": float(self.global_batch)}
+        return {
+            "data/batch_per_device": float(self.per_device),
+            "data/batch_global": float(self.global_batch),
+        }
