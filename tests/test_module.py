@@ -83,7 +83,7 @@ def test_checkpoint_has_no_teacher_and_resume_keeps_the_original_teacher(start_f
     trainer.save_checkpoint(ckpt)
     sd = torch.load(ckpt, weights_only=False)
     assert not any(k.startswith("teacher.") for k in sd["state_dict"])
-    assert sd["alignkit"]["encoder"]["model"] == "alignkit-tiny-vit"
+    assert sd["alignkit"]["model"]["model"] == "alignkit-tiny-vit" and sd["alignkit"]["teacher"] is True
     student_after = {k: v.clone() for k, v in module.model.state_dict().items()}
     # a fresh process resumes: the student comes from the checkpoint, the teacher from the starting weights
     resumed, dm2 = build(start_file)

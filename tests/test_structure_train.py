@@ -126,7 +126,8 @@ def test_resume_restores_heads_and_step(tmp_path, shards, tiny_text_dir):
     assert first["global_step"] == 5
     ckpt = torch.load(last, weights_only=False)
     assert ckpt["global_step"] == 5 and not any(".towers." in k for k in ckpt["state_dict"])
-    assert ckpt["alignkit"]["towers"]["vision"]["model"] == "test_vit"
+    assert ckpt["alignkit"]["workflow"] == "structure" and ckpt["alignkit"]["teacher"] is False
+    assert ckpt["alignkit"]["model"]["towers"]["vision"]["model"] == "test_vit"
     trained = ckpt["state_dict"]
     # Resuming with nothing left to do re-saves what it restored: the trained heads, not a fresh (seeded) init.
     again = train(tiny_cfg(tmp_path, shards, tiny_text_dir, "trainer.max_steps=5", "export=false"))

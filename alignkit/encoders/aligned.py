@@ -163,8 +163,9 @@ def aligned_from_spec(
     towers: FrozenTowers | None = None,
     source: str = "",
 ) -> tuple[AlignedDualEncoder, Any, Any]:
-    """(model, tokenizer, eval preprocess) from a spec (``model.json``, or a training checkpoint's
-    ``checkpoint["alignkit"]``) and the trained weights (heads and logit scale, no tower weights)."""
+    """(model, tokenizer, eval preprocess) from a spec (``model.json``, or a training checkpoint's model spec:
+    ``alignkit.run.checkpointing.read_alignkit_spec(ckpt).model``) and the trained weights (heads and logit scale,
+    no tower weights)."""
     if spec.get("format") != FORMAT:
         raise ValueError(f"{source}: format {spec.get('format')!r} is not {FORMAT!r}")
     if towers is None:

@@ -23,7 +23,7 @@ from torch import nn
 from alignkit.encoders.openclip import WeightsUnavailableError, create_open_clip, register_shipped_configs
 from alignkit.eval.recorder import EvalRecorder
 from alignkit.eval.report import METRICS_FILE
-from alignkit.run.checkpointing import load_checkpoint, resolve_checkpoint
+from alignkit.run.checkpointing import load_checkpoint, read_alignkit_spec, resolve_checkpoint
 from alignkit.run.configs import CONFIG_DIR  # one config tree for train.py and eval.py
 from alignkit.run.export import extract_state_dict, find_architecture
 from alignkit.run.hub import is_open_clip_dir
@@ -51,7 +51,7 @@ def _aligned(model_and_io: tuple, step: int, what: str) -> LoadedModel:
 
 
 def _from_checkpoint(src: str, name: str | None, precision: str) -> LoadedModel:
-    from alignkit.encoders.aligned import FORMAT, aligned_from_spec, load_aligned
+    from alignkit.encoders.aligned import aligned_from_spec, load_aligned
 
     if Path(src, "model.json").is_file() and not Path(src, "checkpoints").is_dir():
         return _aligned(load_aligned(src), 0, src)  # an export directory of a frozen-encoder run
@@ -66,14 +66,16 @@ def _from_checkpoint(src: str, name: str | None, precision: str) -> LoadedModel:
         )
     path = resolve_checkpoint(src)
     ckpt = load_checkpoint(path)
-    section = ckpt.get("alignkit") if isinstance(ckpt.get("alignkit"), dict) else {}
+    saved = read_alignkit_spec(ckpt, str(path))
     step = int(ckpt.get("global_step", 0))
-    if section.get("format") == FORMAT:  # a frozen-encoder (STRUCTURE) run: towers from their specs + heads
+    if saved is not None and saved.workflow == "structure":  # frozen towers from their specs + trained heads
         if name:
             raise ValueError(f"{path}: model.name applies to open_clip students, not to a frozen-encoder run")
-        heads = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        return _aligned(aligned_from_spec(section, heads, source=str(path)), step, f"{path} (step {step})")
-    spec = dict(section.get("encoder") or {})
+        heads = extract_state_dict(ckpt)
+        return _aligned(
+            aligned_from_spec(saved.model, heads, source=str(path)), step, f"{path} (step {step})"
+        )
+    spec = saved.model if saved is not None else {}
     if spec.get("kind", "open_clip") != "open_clip":
         raise ValueError(
             f"{path}: the student is a {spec.get('kind')!r} model, which eval.py cannot rebuild; evaluate the run "

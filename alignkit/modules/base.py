@@ -13,6 +13,7 @@ from torch import nn
 
 from alignkit.data.batch_plan import BatchPlan
 from alignkit.modules.schedulers import LRSchedule
+from alignkit.run.checkpointing import AlignkitSpec
 
 
 def batch_modality_gap(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
@@ -40,15 +41,24 @@ class TrainingModule(L.LightningModule):
     batch_plan: BatchPlan | None = None
 
     # ----- checkpoints -----
-    def checkpoint_spec(self) -> dict[str, Any]:
-        """What the module records about itself under ``checkpoint["alignkit"]`` (read by export and eval.py)."""
-        return {}
+    # The workflow recorded in checkpoint["alignkit"] (alignkit.run.checkpointing.WORKFLOWS): it says what
+    # model_spec() holds.
+    workflow: str = ""
+
+    def model_spec(self) -> dict[str, Any]:
+        """What eval.py and export need to rebuild the trained model (``checkpoint["alignkit"]["model"]``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how to rebuild its model (model_spec)")
+
+    def checkpoint_spec(self) -> AlignkitSpec:
+        """What the module records about itself under ``checkpoint["alignkit"]`` (one schema for every workflow)."""
+        # A frozen teacher exists only in CLIP-Refine modules (never stored; rebuilt from the starting weights).
+        return AlignkitSpec(self.workflow, self.model_spec(), getattr(self, "teacher", None) is not None)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if k.startswith(self.non_checkpointed_prefixes)]:
             del sd[k]
-        checkpoint["alignkit"] = self.checkpoint_spec()
+        checkpoint["alignkit"] = self.checkpoint_spec().section()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """A checkpoint holds no frozen weights: keep the ones this module was built with."""

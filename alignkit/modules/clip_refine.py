@@ -48,6 +48,7 @@ class AlignModule(TrainingModule):
     """
 
     non_checkpointed_prefixes = (TEACHER_PREFIX,)  # rebuilt from the starting weights on load
+    workflow = "clip_refine"
 
     def __init__(
         self,
@@ -117,8 +118,8 @@ class AlignModule(TrainingModule):
         # bypassing ``self.train``: re-impose eval mode on the frozen norms before every step.
         self._fix_norm_stats()
 
-    def checkpoint_spec(self) -> dict[str, Any]:
-        return {"encoder": self.encoder.spec, "has_teacher": self.teacher is not None}
+    def model_spec(self) -> dict[str, Any]:
+        return self.encoder.spec
 
     # ----- what evaluation and export see -----
     def eval_interface(self) -> tuple[nn.Module, Callable, Callable]:

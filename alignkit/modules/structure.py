@@ -27,6 +27,7 @@ from alignkit.encoders.aligned import (
 from alignkit.encoders.frozen_towers import FrozenTowers
 from alignkit.modules.base import TrainingModule
 from alignkit.modules.schedulers import LRSchedule
+from alignkit.run.checkpointing import read_alignkit_spec
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class StructureModule(TrainingModule):
     """
 
     non_checkpointed_prefixes = (MODEL_TOWERS,)  # the frozen towers are rebuilt from their source on load
+    workflow = "structure"
 
     def __init__(
         self,
@@ -103,11 +105,12 @@ class StructureModule(TrainingModule):
         return self.model.towers
 
     # ----- checkpoints hold the heads only -----
-    def checkpoint_spec(self) -> dict[str, Any]:
+    def model_spec(self) -> dict[str, Any]:
         return self.model.spec()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        spec = checkpoint.get("alignkit") or {}
+        saved = read_alignkit_spec(checkpoint)
+        spec = saved.model if saved is not None and saved.workflow == self.workflow else {}
         want = (spec.get("image_layer"), spec.get("text_layer"))
         have = (self.model.image_layer, self.model.text_layer)
         if spec and want != have:

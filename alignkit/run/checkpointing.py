@@ -1,14 +1,18 @@
-"""The checkpoint contract: atomic writes, finding a run's checkpoint, reading it, and the resume guard.
+"""The checkpoint contract: atomic writes, finding a run's checkpoint, what a checkpoint says about its model,
+and the resume guard. Every reader and writer of checkpoints goes through this module.
 
 * Writes: :func:`atomic_torch_save` / :class:`AtomicCheckpointIO` (temp file + fsync + rename).
 * Finding: :func:`resolve_ckpt_path` (what training resumes: ``auto`` = last.ckpt or the newest intact step
-  checkpoint / a path / nothing), :func:`resolve_checkpoint` (what export and eval read: a run dir or a file);
-  :func:`checkpoint_problem`, :func:`clean_temp_parts`, :func:`prune_step_checkpoints` for interrupted runs.
+  checkpoint / a path / nothing), :func:`resolve_checkpoint` (what export and eval read: a run dir, the same
+  newest intact checkpoint, or a file), :func:`run_dir_of`; :func:`checkpoint_problem`, :func:`clean_temp_parts`,
+  :func:`prune_step_checkpoints` for interrupted runs.
 * Reading: :func:`load_checkpoint` (CPU, safe loader first).
+* The model's spec: ``checkpoint["alignkit"]`` is :meth:`AlignkitSpec.section` (schema 1: workflow, what rebuilds
+  the model for eval / export, teacher), written by the training modules' ``on_save_checkpoint`` and read only
+  through :func:`read_alignkit_spec`, which also reads the two unversioned layouts of older checkpoints.
 * Identity and guard: :class:`RunIdentity` writes :func:`run_identity` into every checkpoint under
   ``checkpoint["alignkit_run"]``; :func:`check_checkpoint_compatible` refuses a checkpoint from another architecture
-  or experiment before Lightning would load it partially (or fail with a wall of missing keys). What a module
-  stores about itself is under ``checkpoint["alignkit"]`` (:meth:`TrainingModule.checkpoint_spec`).
+  or experiment before Lightning would load it partially (or fail with a wall of missing keys).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import os
 import pickle
 import re
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +113,12 @@ def prune_step_checkpoints(folder: str | Path, prefix: str, keep: int, current_s
     return doomed
 
 
-def checkpoint_problem(path: str | Path) -> str | None:
-    """Why ``path`` is not a usable Lightning checkpoint (empty, truncated, not a checkpoint), or None if intact.
+# What a checkpoint must hold: Lightning needs both to resume; export and eval need the weights only.
+RESUMABLE, WEIGHTS = ("state_dict", "global_step"), ("state_dict",)
+
+
+def checkpoint_problem(path: str | Path, needs: tuple[str, ...] = RESUMABLE) -> str | None:
+    """Why ``path`` is not a usable checkpoint (empty, truncated, without the entries ``needs``), or None if intact.
 
     Reads the archive's index and small objects only (``mmap``): no tensor data is loaded."""
     p = Path(path)
@@ -118,29 +128,46 @@ def checkpoint_problem(path: str | Path) -> str | None:
         ckpt = torch.load(str(p), map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:
         return f"unreadable ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
-        return "not a Lightning checkpoint (no state_dict / global_step)"
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needs):
+        return f"not a Lightning checkpoint (no {' / '.join(needs)})"
+    return None
+
+
+LAST = "last.ckpt"
+DEFAULT_STEP_PREFIX = "step"  # configs/callbacks/default.yaml: filename step{step:07d}
+
+
+def newest_intact_checkpoint(
+    folder: str | Path, step_prefix: str = DEFAULT_STEP_PREFIX, needs: tuple[str, ...] = RESUMABLE
+) -> Path | None:
+    """``<folder>/last.ckpt`` when it is intact, else the newest intact ``<step_prefix>*.ckpt`` (logged), else None.
+
+    A corrupt candidate is logged and skipped: a job killed while writing must not block its own resume."""
+    folder = Path(folder)
+    candidates = [folder / LAST] + [p for *_, p in reversed(step_checkpoints(folder, step_prefix))]
+    for c in (c for c in candidates if c.is_file()):
+        problem = checkpoint_problem(c, needs)
+        if problem is None:
+            if c.name != LAST:
+                log.warning("%s is missing or corrupt: using the newest intact step checkpoint %s", LAST, c)
+            return c
+        log.error("checkpoint %s is corrupt: %s; trying the next newest", c, problem)
     return None
 
 
 def resolve_ckpt_path(
     ckpt_path: str | None, run_dir: str | Path, ckpt_dir: str | Path | None = None, step_prefix: str = "step"
 ) -> str | None:
-    """``auto`` → ``<ckpt_dir>/last.ckpt`` when it exists and is intact, else the newest intact step checkpoint
-    (logged), else start fresh; an explicit path must exist and be intact. ``ckpt_dir`` defaults to
-    ``<run_dir>/checkpoints``."""
+    """What training resumes. ``auto`` → :func:`newest_intact_checkpoint` of ``ckpt_dir`` (default
+    ``<run_dir>/checkpoints``), else start fresh; an explicit path must exist and be intact."""
     if ckpt_path in (None, "", "null", "none"):
         return None
     if ckpt_path == "auto":
         folder = Path(ckpt_dir) if ckpt_dir else Path(run_dir) / "checkpoints"
-        candidates = [folder / "last.ckpt"] + [p for *_, p in reversed(step_checkpoints(folder, step_prefix))]
-        for c in (c for c in candidates if c.is_file()):
-            problem = checkpoint_problem(c)
-            if problem is None:
-                (log.info if c.name == "last.ckpt" else log.warning)("resuming from %s", c)
-                return str(c)
-            log.error("checkpoint %s is corrupt: %s; trying the next newest", c, problem)
-        return None
+        found = newest_intact_checkpoint(folder, step_prefix)
+        if found is not None:
+            log.info("resuming from %s", found)
+        return str(found) if found is not None else None
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(
             f"ckpt_path={ckpt_path!r} does not exist (use ckpt_path=auto to resume the run directory)"
@@ -155,18 +182,31 @@ def resolve_ckpt_path(
 
 
 def resolve_checkpoint(src: str | Path) -> Path:
-    """A ``.ckpt`` file as it is, or ``<run dir>/checkpoints/last.ckpt`` for a run directory."""
+    """What export and eval read: a ``.ckpt`` file as it is; for a run directory, the checkpoint a resume would
+    take (``checkpoints/last.ckpt``, or the newest intact ``step*.ckpt`` when last.ckpt is missing or corrupt)."""
     p = Path(src)
     if p.is_dir():
-        ckpt = p / "checkpoints" / "last.ckpt"
-        if not ckpt.is_file():
-            raise FileNotFoundError(
-                f"{p} is a directory but {ckpt} does not exist; pass the .ckpt file itself."
+        folder = p / "checkpoints"
+        found = newest_intact_checkpoint(folder, needs=WEIGHTS)
+        if found is None:
+            last = folder / LAST
+            state = (
+                f"is corrupt ({checkpoint_problem(last, WEIGHTS)})" if last.is_file() else "does not exist"
             )
-        return ckpt
+            raise FileNotFoundError(
+                f"{p} is a directory but {last} {state} and {folder} holds no intact {DEFAULT_STEP_PREFIX}*.ckpt; "
+                "pass the .ckpt file itself."
+            )
+        return found
     if not p.is_file():
         raise FileNotFoundError(f"{p}: checkpoint not found.")
     return p
+
+
+def run_dir_of(ckpt_path: str | Path) -> Path | None:
+    """The run directory a checkpoint lies in (``<run dir>/checkpoints/<name>.ckpt``), else None."""
+    p = Path(ckpt_path)
+    return p.parent.parent if p.parent.name == "checkpoints" else None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -178,6 +218,84 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         # Exporting is done on one's own checkpoints; never export a file from an untrusted source.
         log.info("%s holds non-tensor objects; loading with weights_only=False", path)
         return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ----- checkpoint["alignkit"]: what the checkpoint holds and what rebuilds it -----
+SCHEMA_VERSION = 1
+WORKFLOWS = ("clip_refine", "structure")
+# The family of alignkit.encoders.aligned.FORMAT: older STRUCTURE checkpoints stored the aligned model's spec bare.
+FROZEN_TOWERS_FORMAT = "alignkit-frozen-towers/"
+
+
+@dataclass(frozen=True)
+class AlignkitSpec:
+    """``checkpoint["alignkit"]`` as read by :func:`read_alignkit_spec` (written by :meth:`section`).
+
+    * ``workflow``: ``clip_refine`` — an open_clip student (whatever the loss); ``model`` is its
+      :attr:`~alignkit.encoders.openclip.OpenCLIPEncoder.spec` (kind, model, pretrained, force_quick_gelu,
+      preprocess), which eval.py and export rebuild with open_clip. ``structure`` — frozen towers + trained heads;
+      ``model`` is :meth:`~alignkit.encoders.aligned.AlignedDualEncoder.spec` (format, tower specs, layers, head
+      classes, temperature), the same dict as an export's ``model.json``.
+    * ``teacher``: the run distilled from a frozen copy of its starting model (never stored: rebuilt on load).
+    * ``schema``: the layout the checkpoint was written in: 1, or 0 for the unversioned layouts before it.
+    """
+
+    workflow: str
+    model: dict[str, Any] = field(default_factory=dict)
+    teacher: bool = False
+    schema: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.workflow not in WORKFLOWS:
+            raise ValueError(f"workflow {self.workflow!r} is not one of {', '.join(WORKFLOWS)}")
+
+    def section(self) -> dict[str, Any]:
+        """The dict written under ``checkpoint["alignkit"]`` (plain values: loadable with weights_only=True)."""
+        return {
+            "schema": SCHEMA_VERSION,
+            "workflow": self.workflow,
+            "model": dict(self.model),
+            "teacher": bool(self.teacher),
+        }
+
+
+def read_alignkit_spec(ckpt: Mapping[str, Any], source: str = "the checkpoint") -> AlignkitSpec | None:
+    """The one reader of ``checkpoint["alignkit"]``: schema 1, and the two unversioned layouts older checkpoints
+    carry (CLIP-Refine's ``{"encoder": <spec>, "has_teacher": bool}``, STRUCTURE's bare aligned-model spec with
+    ``"format": "alignkit-frozen-towers/1"``). None when there is no such section (a Lightning checkpoint no alignkit
+    training module wrote). Anything else: ``ValueError`` naming the problem and the fix."""
+    section = ckpt.get("alignkit")
+    if section is None or (isinstance(section, Mapping) and not section):
+        return None
+    fix = (
+        "Read it with the alignkit version that wrote it (and export it there: alignkit export), or pass the "
+        "architecture yourself (eval.py model.name=ARCH; export to OUT.safetensors)."
+    )
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{source}: checkpoint['alignkit'] is a {type(section).__name__}, not a dict. {fix}")
+    if "schema" in section:
+        if section["schema"] != SCHEMA_VERSION:
+            raise ValueError(
+                f"{source}: checkpoint['alignkit'] has schema {section['schema']!r}; this alignkit reads schema "
+                f"{SCHEMA_VERSION} and the unversioned layouts before it. {fix}"
+            )
+        workflow, model = section.get("workflow"), section.get("model")
+        if workflow not in WORKFLOWS or not isinstance(model, Mapping):
+            raise ValueError(
+                f"{source}: checkpoint['alignkit'] (schema {SCHEMA_VERSION}) needs a workflow in {WORKFLOWS} and a "
+                f"model dict; it has workflow={workflow!r}, model of type {type(model).__name__}. {fix}"
+            )
+        return AlignkitSpec(workflow, dict(model), bool(section.get("teacher", False)))
+    if str(section.get("format", "")).startswith(FROZEN_TOWERS_FORMAT):  # STRUCTURE before schema 1
+        return AlignkitSpec("structure", dict(section), False, schema=0)
+    if isinstance(section.get("encoder"), Mapping):  # CLIP-Refine before schema 1
+        return AlignkitSpec(
+            "clip_refine", dict(section["encoder"]), bool(section.get("has_teacher", False)), schema=0
+        )
+    raise ValueError(
+        f"{source}: checkpoint['alignkit'] has no schema and is neither older layout (a CLIP-Refine 'encoder' "
+        f"dict, a STRUCTURE '{FROZEN_TOWERS_FORMAT}*' format); keys: {sorted(map(str, section))[:8]}. {fix}"
+    )
 
 
 # Encoder options that change neither the weights' meaning nor the computation; every other one (model,
@@ -208,12 +326,15 @@ def check_checkpoint_compatible(ckpt_path: str | Path, module: torch.nn.Module, 
     """Refuse (ValueError naming the difference) a checkpoint from another architecture or experiment."""
     ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False, mmap=True)
     problems = []
-    saved_enc = (ckpt.get("alignkit") or {}).get("encoder")
-    enc = getattr(getattr(module, "encoder", None), "spec", None)
-    if saved_enc and enc:
+    saved = read_alignkit_spec(ckpt, str(ckpt_path))
+    workflow = getattr(module, "workflow", None)
+    if saved is not None and workflow and saved.workflow != workflow:
+        problems.append(f"workflow: checkpoint {saved.workflow!r} vs this run {workflow!r}")
+    elif saved is not None and saved.workflow == "clip_refine":
+        enc = getattr(getattr(module, "encoder", None), "spec", None) or {}
         for k in ("kind", "model", "pretrained"):
-            if saved_enc.get(k) != enc.get(k):
-                problems.append(f"encoder {k}: checkpoint {saved_enc.get(k)!r} vs this run {enc.get(k)!r}")
+            if enc and saved.model.get(k) != enc.get(k):
+                problems.append(f"encoder {k}: checkpoint {saved.model.get(k)!r} vs this run {enc.get(k)!r}")
     saved_run = ckpt.get("alignkit_run")
     if saved_run:
         now = run_identity(cfg)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from alignkit.run.checkpointing import load_checkpoint, resolve_checkpoint
+from alignkit.run.checkpointing import load_checkpoint, read_alignkit_spec, resolve_checkpoint, run_dir_of
 
 __all__ = [
     "EXPORT_DIR",
@@ -79,30 +79,28 @@ def _search(obj: Any, depth: int = 0) -> str | None:
 
 
 def find_architecture(ckpt: Mapping[str, Any]) -> str | None:
-    """open_clip architecture name from ``ckpt["alignkit"]`` or ``ckpt["hyper_parameters"]``, if recorded."""
-    spec = _encoder_spec(ckpt)
+    """open_clip architecture name of the student: from ``ckpt["alignkit"]`` (:func:`read_alignkit_spec`), else
+    searched in ``ckpt["hyper_parameters"]`` (a checkpoint no alignkit module wrote), if recorded."""
+    spec = _student_spec(ckpt)
     if spec.get("kind") == "open_clip" and isinstance(spec.get("model"), str):
-        return spec["model"]  # what AlignModule.on_save_checkpoint records
-    for section in ("alignkit", "hyper_parameters"):
-        value = ckpt.get(section)
-        if value is not None:
-            try:
-                from omegaconf import OmegaConf
+        return spec["model"]
+    value = ckpt.get("hyper_parameters")
+    if value is not None:
+        try:
+            from omegaconf import OmegaConf
 
-                if OmegaConf.is_config(value):
-                    value = OmegaConf.to_container(value, resolve=False)
-            except ImportError:
-                pass
-            found = _search(value)
-            if found:
-                return found
+            if OmegaConf.is_config(value):
+                value = OmegaConf.to_container(value, resolve=False)
+        except ImportError:
+            pass
+        return _search(value)
     return None
 
 
-def _encoder_spec(ckpt: Mapping[str, Any]) -> dict[str, Any]:
-    section = ckpt.get("alignkit")
-    spec = section.get("encoder") if isinstance(section, Mapping) else None
-    return dict(spec) if isinstance(spec, Mapping) else {}
+def _student_spec(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The open_clip student's spec of a CLIP-Refine checkpoint; {} for another workflow or none recorded."""
+    saved = read_alignkit_spec(ckpt)
+    return dict(saved.model) if saved is not None and saved.workflow == "clip_refine" else {}
 
 
 def write_state_dict(
@@ -129,7 +127,7 @@ def write_state_dict(
 
 
 def _meta(source: str, ckpt: Mapping[str, Any], n: int) -> dict[str, Any]:
-    spec = _encoder_spec(ckpt)
+    spec = _student_spec(ckpt)
     meta: dict[str, Any] = {"source": source, "architecture": find_architecture(ckpt), "num_tensors": n}
     for key in ("pretrained", "force_quick_gelu", "preprocess"):
         if key in spec:
@@ -138,7 +136,7 @@ def _meta(source: str, ckpt: Mapping[str, Any], n: int) -> dict[str, Any]:
 
 
 def open_clip_model_cfg(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The open_clip architecture config of an open_clip student (``ckpt["alignkit"]["encoder"]``)."""
+    """The open_clip architecture config of an open_clip student (its spec: ``AlignkitSpec.model``)."""
     import open_clip
 
     from alignkit.encoders.openclip import register_shipped_configs
@@ -195,19 +193,19 @@ def _write_dir(
     """One open_clip directory from a checkpoint dict (open_clip student or frozen-towers model)."""
     from alignkit.run.hub import preprocess_cfg_of, run_card, write_open_clip_dir
 
-    section = ckpt.get("alignkit") if isinstance(ckpt.get("alignkit"), Mapping) else {}
-    if section.get("format", "").startswith("alignkit-frozen-towers"):
+    saved = read_alignkit_spec(ckpt)
+    if saved is not None and saved.workflow == "structure":
         from alignkit.encoders.aligned import aligned_from_spec, export_open_clip
 
         heads = extract_state_dict(ckpt, prefix)
-        model, _, _ = aligned_from_spec(dict(section), heads, source="checkpoint")
-        card = run_card("STRUCTURE-aligned frozen encoders", _towers_text(section), run_cfg, history)
+        model, _, _ = aligned_from_spec(saved.model, heads, source="checkpoint")
+        card = run_card("STRUCTURE-aligned frozen encoders", _towers_text(saved.model), run_cfg, history)
         return export_open_clip(model, out_dir, card=card)
-    spec = _encoder_spec(ckpt)
+    spec = _student_spec(ckpt)
     if spec.get("kind", "open_clip") != "open_clip" or "model" not in spec:
         raise ValueError(
-            "the checkpoint does not record an open_clip student (ckpt['alignkit']['encoder']); export to "
-            "OUT.safetensors and pass the architecture to open_clip yourself"
+            "the checkpoint does not record an open_clip student (ckpt['alignkit'] of a CLIP-Refine run); export "
+            "to OUT.safetensors and pass the architecture to open_clip yourself"
         )
     model_cfg = open_clip_model_cfg(spec)
     state = extract_state_dict(ckpt, prefix)
@@ -265,8 +263,7 @@ def export_checkpoint(
     ckpt_path = resolve_checkpoint(src)
     ckpt = load_checkpoint(ckpt_path)
     if Path(out_path).suffix not in FILE_SUFFIXES:
-        run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
-        return _write_dir(ckpt, out_path, prefix, *_read_run(run_dir))
+        return _write_dir(ckpt, out_path, prefix, *_read_run(run_dir_of(ckpt_path)))
     state = extract_state_dict(ckpt, prefix)
     out = write_state_dict(state, out_path, _meta(str(ckpt_path), ckpt, len(state)) if sidecar else None)
     log.info("exported %d tensors from %s to %s", len(state), ckpt_path, out)
