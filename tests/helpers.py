@@ -6,7 +6,6 @@ again as a module would make a second copy of its fixtures and state.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -48,26 +47,19 @@ def synthetic_shards(out_dir: Path, n: int, per_shard: int, seed: int = 0) -> li
 def keyed_shards(root: Path, sizes: list[int], bad: dict[str, dict] | None = None) -> list[str]:
     """Shards of ``sizes`` synthetic samples with globally unique keys ``000000000..``, plus sizes.json; returns the
     shard paths. ``bad[key]`` replaces fields of that sample (a ``None`` value drops the field)."""
-    import webdataset as wds
-
-    from alignkit.data.shards import _image_bytes
+    from alignkit.data.shards import image_bytes, write_tars
     from alignkit.data.synthetic import SyntheticShapes
 
-    root.mkdir(parents=True, exist_ok=True)
     ds = SyntheticShapes(transform=None, num_samples=sum(sizes), image_size=32, seed=0)
-    key, names = 0, {}
-    for i, size in enumerate(sizes):
-        name = f"{i:05d}.tar"
-        with wds.TarWriter(str(root / name)) as w:
-            for _ in range(size):
-                img, cap = ds.item(key)
-                sample = {"__key__": f"{key:09d}", "jpg": _image_bytes(img)[0], "txt": cap}
-                sample.update((bad or {}).get(sample["__key__"], {}))
-                w.write({k: v for k, v in sample.items() if v is not None})
-                key += 1
-        names[name] = size
-    (root / "sizes.json").write_text(json.dumps(names))
-    return [str(root / n) for n in names]
+
+    def samples():
+        for key in range(sum(sizes)):
+            img, cap = ds.item(key)
+            sample = {"__key__": f"{key:09d}", "jpg": image_bytes(img)[0], "txt": cap}
+            sample.update((bad or {}).get(sample["__key__"], {}))
+            yield {k: v for k, v in sample.items() if v is not None}
+
+    return [str(root / name) for name in write_tars(root, samples(), per_shard=sizes)]
 
 
 def uneven_shards(root: Path, sizes=(7, 13, 3, 17, 8)) -> tuple[str, int]:

@@ -47,7 +47,7 @@ def test_shuffled_epoch_still_reads_each_sample_once(tmp_path, tiny_encoder):
 
 
 def test_corrupt_image_and_missing_caption_are_skipped_and_counted(tmp_path, tiny_encoder, caplog):
-    from alignkit.data.shards import _image_bytes
+    from alignkit.data.shards import image_bytes
     from alignkit.data.synthetic import SyntheticShapes
 
     ds = SyntheticShapes(transform=None, num_samples=10)
@@ -55,10 +55,10 @@ def test_corrupt_image_and_missing_caption_are_skipped_and_counted(tmp_path, tin
     with wds.TarWriter(str(shard)) as w:
         for i in range(10):
             img, cap = ds.item(i)
-            w.write({"__key__": f"{i:09d}", "jpg": _image_bytes(img)[0], "txt": cap})
+            w.write({"__key__": f"{i:09d}", "jpg": image_bytes(img)[0], "txt": cap})
             if i == 4:
                 w.write({"__key__": "bad_image", "jpg": b"definitely not a jpeg", "txt": "a caption"})
-                w.write({"__key__": "no_caption", "jpg": _image_bytes(img)[0]})
+                w.write({"__key__": "no_caption", "jpg": image_bytes(img)[0]})
     transform = PairTransform(tiny_encoder.preprocess_val, tiny_encoder.tokenizer, random_caption=False)
     pipe = make_wds_pipeline([str(shard)], transform, batch_size=1, shuffle_buffer=0, repeat=False)
     with caplog.at_level(logging.WARNING):
@@ -143,9 +143,9 @@ def test_multi_caption_samples_pick_among_their_captions(tiny_encoder):
     )
     from PIL import Image
 
-    from alignkit.data.shards import _image_bytes
+    from alignkit.data.shards import image_bytes
 
-    data, _ = _image_bytes(Image.new("RGB", (8, 8)))
+    data, _ = image_bytes(Image.new("RGB", (8, 8)))
     caps = ["first caption", "second caption", "third caption"]
     seen = {
         tuple(transform({"__key__": "k", "jpg": data, "txt": "\n".join(caps).encode()})["text"].tolist())

@@ -15,7 +15,7 @@ from PIL import Image
 
 from alignkit.data import ImageTextDataModule
 from alignkit.data.samples import BadSample, PairTransform
-from alignkit.data.shards import _image_bytes
+from alignkit.data.shards import image_bytes
 from alignkit.data.webdataset import expand_urls
 
 
@@ -74,7 +74,7 @@ def test_every_kind_of_bad_sample_is_skipped_and_counted(tmp_path, tiny_encoder)
 
 
 def test_image_over_the_pixel_limit_is_a_bad_sample(tiny_encoder, monkeypatch):
-    data, _ = _image_bytes(Image.new("RGB", (40, 30)))
+    data, _ = image_bytes(Image.new("RGB", (40, 30)))
     transform = PairTransform(tiny_encoder.preprocess_val, tiny_encoder.tokenizer, random_caption=False)
     assert transform({"__key__": "k", "jpg": data, "txt": b"ok"})["key"] == "k"
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 x 30 = 1200 pixels: PIL alone would only warn
@@ -164,7 +164,7 @@ def test_structure_pair_table_skips_a_non_utf8_caption(tmp_path):
 def test_structure_pair_table_skips_a_corrupt_image_naming_it(tmp_path, caplog):
     from alignkit.data.pair_table import read_pairs
 
-    good = _image_bytes(Image.new("RGB", (8, 8), (200, 10, 10)))[0]
+    good = image_bytes(Image.new("RGB", (8, 8), (200, 10, 10)))[0]
     urls = keyed_shards(
         tmp_path,
         [6],

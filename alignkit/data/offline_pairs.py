@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from alignkit.data.samples import to_rgb
+from alignkit.data.shards import write_tars
 
 log = logging.getLogger(__name__)
 
@@ -100,20 +101,6 @@ def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _write_tars(out: Path, samples: Iterable[dict], per_shard: int = 1000) -> dict[str, int]:
-    import webdataset as wds
-
-    out.mkdir(parents=True, exist_ok=True)
-    sizes: dict[str, int] = {}
-    with wds.ShardWriter(str(out / "%05d.tar"), maxcount=per_shard, verbose=0) as sink:
-        for s in samples:
-            sink.write(s)
-    for tar in sorted(out.glob("*.tar")):
-        sizes[tar.name] = sum(1 for _ in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False))
-    (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
-    return sizes
 
 
 def _clipart(src: Path, max_file_bytes: int, max_side: int) -> list[tuple[Path, list[str]]]:
@@ -264,7 +251,7 @@ def _build(out: Path, p: dict, fdir: Path, cdir: Path) -> None:
         yield from fashion_samples()
         yield from clipart_samples()
 
-    sizes = _write_tars(out / "train", mixed())
+    sizes = write_tars(out / "train", mixed())
     # Eval sets (CLIP_benchmark layout, readable by alignkit.data.evalsets.load_eval_set).
     ti, tl = read_idx(fdir / "t10k-images-idx3-ubyte.gz"), read_idx(fdir / "t10k-labels-idx1-ubyte.gz")
     sub = sorted(random.Random(p["seed"] + 1).sample(range(len(tl)), min(p["fashion_test"], len(tl))))
@@ -290,7 +277,7 @@ def _build(out: Path, p: dict, fdir: Path, cdir: Path) -> None:
 
 def write_classification(ev: Path, rows: Iterable[tuple[str, np.ndarray, int]]) -> None:
     """A Fashion-MNIST zero-shot eval set (CLIP_benchmark layout) from (key, grey pixels, label) rows."""
-    _write_tars(
+    write_tars(
         ev / "test",
         ({"__key__": key, "png": png_bytes(Image.fromarray(x, "L")), "cls": str(y)} for key, x, y in rows),
     )
@@ -302,7 +289,7 @@ def write_classification(ev: Path, rows: Iterable[tuple[str, np.ndarray, int]]) 
 def write_retrieval(ev: Path, rows: list[tuple[str, bytes, list[str]]]) -> None:
     """A clip-art retrieval eval set (CLIP_benchmark layout) from (relative path, PNG bytes, captions) rows;
     ``members.txt`` lists the source files."""
-    _write_tars(
+    write_tars(
         ev / "test",
         ({"__key__": f"{j:05d}", "png": d, "txt": "\n".join(c)} for j, (_, d, c) in enumerate(rows)),
     )

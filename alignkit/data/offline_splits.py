@@ -37,13 +37,13 @@ from alignkit.data.offline_pairs import (
     OPENCLIPART_DIR,
     TRAIN_TEMPLATES,
     _draw_clipart,
-    _write_tars,
     build_once,
     png_bytes,
     read_idx,
     write_classification,
     write_retrieval,
 )
+from alignkit.data.shards import write_tars
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def _build(out: Path, p: dict, fdir: Path, cdir: Path) -> None:
             samples.append({"id": sid, "png": png_bytes(Image.fromarray(x, "L")), "txt": "\n".join(caps)})
         samples += [{"id": f"openclipart:{rel}", "png": d, "txt": "\n".join(c)} for rel, d, c in oc[split]]
         rng.shuffle(samples)  # mixed order: the first N samples of the stream are a random subset
-        _write_tars(
+        write_tars(
             out / split,
             ({"__key__": f"{split}{j:05d}", "png": s["png"], "txt": s["txt"]} for j, s in enumerate(samples)),
         )
