@@ -13,7 +13,7 @@ from helpers import synthetic_shards
 
 from alignkit.data import ImageTextDataModule
 from alignkit.data.samples import PairTransform
-from alignkit.data.webdataset import count_samples, expand_urls, make_wds_pipeline
+from alignkit.data.webdataset import count_samples, expand_urls
 
 
 def _module(tiny_encoder, **kw) -> ImageTextDataModule:
@@ -47,25 +47,39 @@ def test_shuffled_epoch_still_reads_each_sample_once(tmp_path, tiny_encoder):
 
 
 def test_corrupt_image_and_missing_caption_are_skipped_and_counted(tmp_path, tiny_encoder, caplog):
-    from alignkit.data.shards import image_bytes
+    from alignkit.data.shards import image_bytes, write_tars
     from alignkit.data.synthetic import SyntheticShapes
 
     ds = SyntheticShapes(transform=None, num_samples=10)
-    shard = tmp_path / "00000.tar"
-    with wds.TarWriter(str(shard)) as w:
+
+    def samples():
         for i in range(10):
             img, cap = ds.item(i)
-            w.write({"__key__": f"{i:09d}", "jpg": image_bytes(img)[0], "txt": cap})
+            yield {"__key__": f"{i:09d}", "jpg": image_bytes(img)[0], "txt": cap}
             if i == 4:
-                w.write({"__key__": "bad_image", "jpg": b"definitely not a jpeg", "txt": "a caption"})
-                w.write({"__key__": "no_caption", "jpg": image_bytes(img)[0]})
-    transform = PairTransform(tiny_encoder.preprocess_val, tiny_encoder.tokenizer, random_caption=False)
-    pipe = make_wds_pipeline([str(shard)], transform, batch_size=1, shuffle_buffer=0, repeat=False)
+                yield {"__key__": "bad_image", "jpg": b"definitely not a jpeg", "txt": "a caption"}
+                yield {"__key__": "no_caption", "jpg": image_bytes(img)[0]}
+
+    # sizes.json says 12: the tar holds 12 samples, 2 of them bad
+    assert write_tars(tmp_path, samples(), per_shard=100) == {"00000.tar": 12}
+    shard = tmp_path / "00000.tar"
+    dm = _module(
+        tiny_encoder,
+        train_shards=str(shard),
+        batch_size=1,
+        num_workers=0,
+        shuffle_buffer=0,
+        random_caption=False,
+        pin_memory=False,
+    )
     with caplog.at_level(logging.WARNING):
-        batches = list(pipe)
+        batches = list(dm.train_dataloader())
     keys = [b["key"][0] for b in batches]
-    assert keys == [f"{i:09d}" for i in range(10)]
-    assert [b["skipped"].item() for b in batches] == [0] * 5 + [2] * 5
+    # 12 planned steps: the 10 good samples in storage order, then the 2 bad ones replaced by spares, which are the
+    # next samples of the epoch's order after the worker's range (wrapping to its start).
+    assert len(batches) == dm.steps_per_epoch(1) == 12
+    assert keys == [f"{i:09d}" for i in range(10)] + ["000000000", "000000001"]
+    assert [b["skipped"].item() for b in batches] == [0] * 5 + [2] * 7
     assert any("skipped bad sample" in r.message and "bad_image" in r.message for r in caplog.records)
 
 

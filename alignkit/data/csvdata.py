@@ -3,12 +3,39 @@
 from __future__ import annotations
 
 import csv
-import random
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
 from alignkit.data.samples import BadSample, BadSampleCounter, PairTransform
+
+
+def read_rows(
+    path: str | Path, image_col: str = "image", caption_col: str = "caption", delimiter: str | None = None
+) -> list[tuple[str, str]]:
+    """(image path, caption) of every row; a missing file, a missing column or no rows fail naming the fix.
+    Tab-separated for ``.tsv`` / ``.tab``, comma-separated otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.train_csv={str(path)!r} does not exist")
+    delim = delimiter or ("\t" if path.suffix in (".tsv", ".tab") else ",")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=delim)
+        cols = reader.fieldnames or []
+        for c in (image_col, caption_col):
+            if c not in cols:
+                raise KeyError(
+                    f"{path} has no column {c!r} (columns: {cols}); set data.image_col / data.caption_col"
+                )
+        rows = [(r[image_col], r[caption_col] or "") for r in reader]
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    return rows
+
+
+def resolve_image(root: Path, image: str) -> Path:
+    """An image path of a row: absolute as written, else relative to the CSV's folder."""
+    return Path(image) if Path(image).is_absolute() else root / image
 
 
 class CsvPairs(Dataset):
@@ -25,22 +52,10 @@ class CsvPairs(Dataset):
         image_col: str = "image",
         caption_col: str = "caption",
         delimiter: str | None = None,
+        rows: list[tuple[str, str]] | None = None,
     ) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"data.train_csv={str(path)!r} does not exist")
-        delim = delimiter or ("\t" if self.path.suffix in (".tsv", ".tab") else ",")
-        with self.path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=delim)
-            cols = reader.fieldnames or []
-            for c in (image_col, caption_col):
-                if c not in cols:
-                    raise KeyError(
-                        f"{self.path} has no column {c!r} (columns: {cols}); set data.image_col / data.caption_col"
-                    )
-            self.rows = [(r[image_col], r[caption_col] or "") for r in reader]
-        if not self.rows:
-            raise ValueError(f"{self.path} has no rows")
+        self.rows = rows if rows is not None else read_rows(path, image_col, caption_col, delimiter)
         self.transform = transform
         self.counter = BadSampleCounter()
         self.root = self.path.parent
@@ -50,7 +65,7 @@ class CsvPairs(Dataset):
 
     def _load(self, idx: int) -> dict:
         img_path, caption = self.rows[idx]
-        p = Path(img_path) if Path(img_path).is_absolute() else self.root / img_path
+        p = resolve_image(self.root, img_path)
         try:
             data = p.read_bytes()
         except OSError as e:
@@ -69,9 +84,3 @@ class CsvPairs(Dataset):
             out["worker"] = 0
             return out
         raise RuntimeError(f"no usable row in {self.path}")
-
-
-def shuffle_rows(rows: list, seed: int) -> list:
-    rows = list(rows)
-    random.Random(seed).shuffle(rows)
-    return rows

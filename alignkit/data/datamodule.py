@@ -8,30 +8,14 @@ from collections.abc import Callable
 from typing import Literal
 
 import lightning as L
-import webdataset as wds
-from torch.utils.data import DataLoader
 
-from alignkit.data.csvdata import CsvPairs
-from alignkit.data.epochs import (
-    EpochPlan,
-    IndexEpochBatches,
-    ResumableLoader,
-    ShardEpochDataset,
-    index_loader_factory,
-    wds_loader_factory,
-)
+from alignkit.data.epochs import EpochPlan, ResumableLoader
 from alignkit.data.samples import PairTransform
-from alignkit.data.synthetic import SyntheticShapes
-from alignkit.data.webdataset import (
-    collate_pairs,
-    count_samples,
-    expand_urls,
-    make_wds_pipeline,
-    shard_sizes,
-)
+from alignkit.data.sources import PairSource, make_source
 
 log = logging.getLogger(__name__)
 Source = Literal["webdataset", "csv", "synthetic"]
+MODES = ("exact", "resampled")
 
 
 class ImageTextDataModule(L.LightningDataModule):
@@ -48,10 +32,11 @@ class ImageTextDataModule(L.LightningDataModule):
         random_caption: for samples with several captions (one per line), pick one at random each time.
         mode: ``exact`` (default: every sample once per epoch across all ranks and workers, resumable mid-epoch;
             webdataset needs per-shard counts) or ``resampled`` (webdataset only: shards drawn with replacement,
-            an epoch is a number of steps). ``legacy`` keeps the older shard-split reader (not resumable).
-            See docs/distributed.md.
+            an epoch is a number of steps). See docs/distributed.md.
 
-    Paths are checked at construction, before any model is built.
+    The ``source`` / ``train_shards`` / ``train_csv`` / ``image_col`` / ``caption_col`` / ``num_samples`` /
+    ``synthetic_image_size`` keys build a :class:`~alignkit.data.sources.PairSource` (``.pair_source``), which
+    checks paths at construction, before any model is built.
     """
 
     def __init__(
@@ -74,41 +59,36 @@ class ImageTextDataModule(L.LightningDataModule):
         mode: str = "exact",
     ) -> None:
         super().__init__()
-        if mode not in ("exact", "resampled", "legacy"):
-            raise ValueError(f"data.mode={mode!r} is not one of exact, resampled, legacy")
-        if mode == "resampled" and source != "webdataset":
+        if mode == "legacy":
             raise ValueError(
-                "data.mode=resampled is for webdataset shards; map-style sources use data.mode=exact"
+                "data.mode=legacy was removed (its shard-split reader was not resumable and its shuffle was not "
+                "reproducible across processes); use data.mode=exact (each sample once per epoch, resumable) or, "
+                "for webdataset shards without per-shard counts, data.mode=resampled"
             )
-        self.mode = mode
-        if source not in ("webdataset", "csv", "synthetic"):
-            raise ValueError(f"data.source={source!r} is not one of webdataset, csv, synthetic")
+        if mode not in MODES:
+            raise ValueError(f"data.mode={mode!r} is not one of {', '.join(MODES)}")
         if batch_size <= 0:
             raise ValueError(f"data.batch_size must be positive, got {batch_size}")
-        self.source, self.batch_size, self.num_workers = source, batch_size, num_workers
-        self.num_samples, self.shuffle_buffer, self.epoch_rounding = (
-            num_samples,
-            shuffle_buffer,
-            epoch_rounding,
+        self.pair_source: PairSource = make_source(
+            source,
+            train_shards=train_shards,
+            train_csv=train_csv,
+            image_col=image_col,
+            caption_col=caption_col,
+            num_samples=num_samples,
+            synthetic_image_size=synthetic_image_size,
+            seed=seed,
         )
+        if mode not in self.pair_source.modes:
+            raise ValueError(
+                f"data.mode={mode} is for webdataset shards; data.source={source} uses data.mode="
+                f"{' or '.join(self.pair_source.modes)}"
+            )
+        self.pair_source.size()  # the epoch size is read now: a missing sizes.json fails before any model is built
+        self.source, self.mode, self.batch_size, self.num_workers = source, mode, batch_size, num_workers
+        self.shuffle_buffer, self.epoch_rounding = shuffle_buffer, epoch_rounding
         self.augment, self.random_caption, self.seed = augment, random_caption, seed
-        self.image_col, self.caption_col, self.train_csv = image_col, caption_col, train_csv
-        self.synthetic_image_size, self.pin_memory = synthetic_image_size, pin_memory
-        self.urls: list[str] = []
-        if source == "webdataset":
-            if train_shards is None:
-                raise ValueError(
-                    "data.source=webdataset needs data.train_shards, e.g. /data/coco/{00000..00231}.tar"
-                )
-            self.urls = expand_urls(train_shards)
-            self.total_samples = count_samples(self.urls, num_samples)
-        elif source == "csv":
-            if train_csv is None:
-                raise ValueError("data.source=csv needs data.train_csv=/path/to/pairs.csv")
-            from pathlib import Path
-
-            if not Path(train_csv).is_file():
-                raise FileNotFoundError(f"data.train_csv={train_csv!r} does not exist")
+        self.pin_memory = pin_memory
         self._train_loader: ResumableLoader | None = None
         self._loader_state: dict | None = None
         self.preprocess_train: Callable | None = None
@@ -136,11 +116,7 @@ class ImageTextDataModule(L.LightningDataModule):
         return trainer.world_size if trainer is not None else 1
 
     def dataset_size(self) -> int:
-        if self.source == "webdataset":
-            return self.total_samples
-        if self.source == "synthetic":
-            return self.num_samples or 512
-        return len(CsvPairs(self.train_csv, self._transform(), self.image_col, self.caption_col))
+        return self.pair_source.size()
 
     def steps_per_epoch(self, world_size: int | None = None) -> int:
         """Optimizer-free count of batches per rank per epoch for the global batch per_device × world."""
@@ -167,36 +143,8 @@ class ImageTextDataModule(L.LightningDataModule):
             workers=max(1, self.num_workers),
         )
 
-    def train_dataloader(self):
-        transform = self._transform()
-        if self.mode != "legacy":
-            return self._planned_loader(transform)
-        if self.source == "webdataset":
-            pipeline = make_wds_pipeline(
-                self.urls, transform, self.batch_size, shuffle_buffer=self.shuffle_buffer, seed=self.seed
-            )
-            loader = wds.WebLoader(
-                pipeline,
-                batch_size=None,
-                num_workers=self.num_workers,
-                pin_memory=self.pin_memory,
-                persistent_workers=False,
-            )
-            return loader.with_epoch(nbatches=self.steps_per_epoch())
-        if self.source == "synthetic":
-            ds = SyntheticShapes(transform, self.num_samples or 512, self.synthetic_image_size, self.seed)
-        else:
-            ds = CsvPairs(self.train_csv, transform, self.image_col, self.caption_col)
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=self.epoch_rounding == "floor",
-            num_workers=self.num_workers,
-            collate_fn=collate_pairs,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+    def train_dataloader(self) -> ResumableLoader:
+        return self._planned_loader(self._transform())
 
     # The data position travels in the checkpoint through the datamodule hooks, which Lightning restores before it
     # builds the train loader. (Lightning also stores the loader's own state_dict, but restores it only when the
@@ -218,29 +166,12 @@ class ImageTextDataModule(L.LightningDataModule):
         return loader
 
     def _build_planned_loader(self, transform: PairTransform) -> ResumableLoader:
-        plan = self._plan()
-        if self.source == "webdataset":
-            ds = ShardEpochDataset(
-                self.urls,
-                shard_sizes(self.urls),
-                transform,
-                self.batch_size,
-                collate_pairs,
-                mode=self.mode,
-                shuffle_buffer=self.shuffle_buffer,
-                seed=self.seed,
-            )
-            if self.mode == "exact" and sum(ds.sizes) != self.total_samples:
-                raise ValueError(
-                    f"data.num_samples={self.total_samples} disagrees with the per-shard counts "
-                    f"({sum(ds.sizes)}); drop the override or use data.mode=resampled"
-                )
-            return ResumableLoader(wds_loader_factory(ds, self.num_workers, self.pin_memory), plan, ds)
-        if self.source == "synthetic":
-            ds = SyntheticShapes(transform, self.num_samples or 512, self.synthetic_image_size, self.seed)
-        else:
-            ds = CsvPairs(self.train_csv, transform, self.image_col, self.caption_col)
-        batches = IndexEpochBatches(len(ds), self.batch_size, self.seed)
-        return ResumableLoader(
-            index_loader_factory(ds, batches, collate_pairs, self.num_workers, self.pin_memory), plan, ds
+        return self.pair_source.epoch_loader(
+            transform,
+            self._plan(),
+            mode=self.mode,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
         )

@@ -1,29 +1,48 @@
 """Image-caption pairs as a table for feature extraction: unique images, rows of (image, caption).
 
 Images are identified by a hash of their bytes, so a source that repeats an image once per caption (COCO rows)
-still encodes it once; captions are deduplicated the same way. Reading is two passes: :func:`read_pairs` reads
-keys, hashes and captions; :meth:`PairTable.iter_images` streams the unique images again, in order, for encoding.
+still encodes it once; captions are deduplicated the same way. Reading is two passes: a source's ``read_pairs``
+(:mod:`alignkit.data.sources`) reads keys, hashes and captions; :meth:`PairTable.iter_images` streams the unique
+images again, in order, for encoding.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
 
-from alignkit.data.samples import IMAGE_KEYS, TEXT_KEYS, BadSample, decode_image, split_captions
+from alignkit.data.samples import IMAGE_KEYS, BadSample, decode_image, split_captions
 from alignkit.features.cache import unique_with_index
+
+if TYPE_CHECKING:
+    from alignkit.data.sources import PairSource
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PairTable", "read_pairs"]
+__all__ = ["PairTable", "Scan", "read_pairs"]
+
+
+@dataclass
+class Scan:
+    """What a source's first pass found: per usable sample a content hash, a reference to find its image again
+    and its caption lines; plus the count of skipped samples."""
+
+    name: str
+    hashes: list[str] = field(default_factory=list)
+    refs: list[tuple] = field(default_factory=list)
+    captions: list[list[str]] = field(default_factory=list)
+    skipped: int = 0
+
+    def add(self, digest: str, ref: tuple, lines: list[str]) -> None:
+        self.hashes.append(digest)
+        self.refs.append(ref)
+        self.captions.append(lines)
 
 
 @dataclass
@@ -36,7 +55,7 @@ class PairTable:
     texts: list[str]  # unique captions
     row_image: np.ndarray
     row_text: np.ndarray
-    synthetic: dict = field(default_factory=dict)
+    origin: PairSource  # the source that reads the images of ``image_refs`` again
 
     def __len__(self) -> int:
         return len(self.row_image)
@@ -49,52 +68,39 @@ class PairTable:
 
     def iter_images(self) -> Iterator[Image.Image]:
         """The unique images as RGB PIL images, in ``image_ids`` order."""
-        if self.synthetic:
-            from alignkit.data.synthetic import SyntheticShapes
+        return self.origin.iter_images(self.image_refs)
 
-            ds = SyntheticShapes(None, **self.synthetic)  # type: ignore[arg-type]
-            for (i,) in self.image_refs:
-                yield ds.item(i)[0]
-            return
-        if self.image_refs and self.image_refs[0][0] == "file":
-            for _, path in self.image_refs:
-                yield decode_image(Path(path).read_bytes(), str(path))
-            return
-        wanted: dict[tuple[str, str], int] = {(u, k): i for i, (_, u, k) in enumerate(self.image_refs)}
-        urls = list(dict.fromkeys(u for _, u, _ in self.image_refs))
-        expect = 0
-        for url, key, sample in _iter_shards(urls):
-            if wanted.get((url, key)) != expect:
-                continue
-            yield decode_image(sample[_image_key(sample, key)], key)
-            expect += 1
-            if expect == len(self.image_refs):
-                return
-        if expect != len(self.image_refs):
-            raise RuntimeError(
-                f"shards changed while reading: found {expect} of {len(self.image_refs)} images"
+    @classmethod
+    def build(cls, scan: Scan, origin: PairSource) -> PairTable:
+        """Deduplicate a source's scan into unique images (by content hash) and unique captions."""
+        if scan.skipped:
+            log.warning(
+                "%d samples without a decodable image or a (UTF-8) caption were skipped", scan.skipped
             )
+        if not scan.refs:
+            raise ValueError(f"no usable image-caption pairs in {scan.name}")
+        hashes, caps = scan.hashes, scan.captions
+        uniq, sample_image = unique_with_index(hashes)
+        first = {h: i for i, h in reversed(list(enumerate(hashes)))}
+        image_refs = [scan.refs[first[h]] for h in uniq]
+        row_image = np.repeat(sample_image, [len(c) for c in caps])
+        flat = [c for cs in caps for c in cs]
+        texts, row_text = unique_with_index(flat)
+        log.info(
+            "%s: %d samples -> %d pairs, %d unique images, %d unique captions",
+            scan.name, len(scan.refs), len(flat), len(uniq), len(texts),
+        )  # fmt: skip
+        return cls(scan.name, list(uniq), image_refs, list(texts), row_image, row_text, origin)
 
 
-def _iter_shards(urls: Sequence[str]) -> Iterator[tuple[str, str, dict]]:
-    import webdataset as wds
-
-    for url in urls:
-        ds = wds.WebDataset(
-            url, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
-        )
-        for sample in ds:
-            yield url, sample["__key__"], sample
-
-
-def _image_key(sample: dict, key: str) -> str:
+def sample_image_key(sample: dict, key: str) -> str:
     ext = next((k for k in IMAGE_KEYS if k in sample), None)
     if ext is None:
         raise ValueError(f"sample {key!r} has no image (looked for {IMAGE_KEYS})")
     return ext
 
 
-def _image_ok(data: bytes, key: str) -> bool:
+def image_ok(data: bytes, key: str) -> bool:
     """Whether an image can be decoded; a corrupt one is warned about (named) and its sample skipped and counted.
 
     Decoded in full here, not only ``verify()``-ed: a truncated JPEG passes PIL's verify and would otherwise crash
@@ -109,7 +115,7 @@ def _image_ok(data: bytes, key: str) -> bool:
     return True
 
 
-def _captions(raw: bytes | str, mode: str, key: str = "?") -> list[str]:
+def caption_lines(raw: bytes | str, mode: str, key: str = "?") -> list[str]:
     """Caption lines; ``[]`` (the sample is skipped and counted) when the bytes are not UTF-8."""
     try:
         lines = split_captions(raw, key)
@@ -132,92 +138,13 @@ def read_pairs(
     limit: int | None = None,
     seed: int = 0,
 ) -> PairTable:
-    """Read the pair table of a training source.
+    """The pair table of a training source given by its ``data.*`` keys: ``make_source(...).read_pairs(...)``
+    (see :meth:`alignkit.data.sources.PairSource.read_pairs`); ``seed`` is the synthetic generator's seed and the
+    seed of the CSV subset."""
+    from alignkit.data.sources import make_source
 
-    ``captions="all"`` makes one row per caption line (an image with 5 captions gives 5 rows, one encoding);
-    ``"first"`` keeps the first caption (STRUCTURE's ``n_dup_samples: 1``). ``limit`` keeps that many samples
-    (source items, before caption expansion): the first ones of a stream, a seeded random subset otherwise.
-    """
-    if captions not in ("all", "first"):
-        raise ValueError(f"captions must be 'all' or 'first', got {captions!r}")
-    hashes: list[str] = []
-    refs: list[tuple] = []
-    caps: list[list[str]] = []
-    synthetic: dict = {}
-    skipped = 0
-    if source == "webdataset":
-        for url, key, sample in _iter_shards(urls):
-            tk = next((k for k in TEXT_KEYS if k in sample), None)
-            lines = _captions(sample[tk], captions, f"{key} in {url}") if tk else []
-            if not lines or not any(k in sample for k in IMAGE_KEYS):
-                skipped += 1
-                continue
-            data = sample[_image_key(sample, key)]
-            if not _image_ok(data, f"{key} in {url}"):
-                skipped += 1
-                continue
-            hashes.append(hashlib.sha1(data).hexdigest())
-            refs.append(("wds", url, key))
-            caps.append(lines)
-            if limit is not None and len(refs) >= limit:
-                break
-        name = (
-            "wds:" + ",".join(Path(u).name for u in urls[:3]) + (f"+{len(urls) - 3}" if len(urls) > 3 else "")
-        )
-    elif source == "csv":
-        path = Path(str(csv_path))
-        delim = "\t" if path.suffix in (".tsv", ".tab") else ","
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter=delim))
-        if rows and (image_col not in rows[0] or caption_col not in rows[0]):
-            raise KeyError(f"{path} needs columns {image_col!r} and {caption_col!r}; has {list(rows[0])}")
-        if limit is not None and len(rows) > limit:
-            keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
-            rows = [rows[i] for i in keep]
-        digests: dict[Path, str] = {}
-        for r in rows:
-            p = Path(r[image_col])
-            p = p if p.is_absolute() else path.parent / p
-            lines = _captions(r[caption_col] or "", captions)
-            if not lines or not p.is_file():
-                skipped += 1
-                continue
-            if p not in digests:
-                data = p.read_bytes()
-                digests[p] = hashlib.sha1(data).hexdigest() if _image_ok(data, str(p)) else ""
-            if not digests[p]:
-                skipped += 1
-                continue
-            hashes.append(digests[p])
-            refs.append(("file", str(p)))
-            caps.append(lines)
-        name = f"csv:{path.name}"
-    elif source == "synthetic":
-        from alignkit.data.synthetic import SyntheticShapes
-
-        synthetic = {"num_samples": num_samples, "image_size": synthetic_image_size, "seed": seed}
-        ds = SyntheticShapes(None, **synthetic)  # type: ignore[arg-type]
-        n = min(num_samples, limit) if limit is not None else num_samples
-        for i in range(n):
-            hashes.append(f"synthetic:{seed}:{synthetic_image_size}:{i}")
-            refs.append((i,))
-            caps.append([ds.item(i)[1]])
-        name = f"synthetic:{num_samples}:{synthetic_image_size}:{seed}"
-    else:
-        raise ValueError(f"data.source={source!r} is not one of webdataset, csv, synthetic")
-    if skipped:
-        log.warning("%d samples without a decodable image or a (UTF-8) caption were skipped", skipped)
-    if not refs:
-        raise ValueError(f"no usable image-caption pairs in {name}")
-
-    uniq, sample_image = unique_with_index(hashes)
-    first = {h: i for i, h in reversed(list(enumerate(hashes)))}
-    image_refs = [refs[first[h]] for h in uniq]
-    row_image = np.repeat(sample_image, [len(c) for c in caps])
-    flat = [c for cs in caps for c in cs]
-    texts, row_text = unique_with_index(flat)
-    log.info(
-        "%s: %d samples -> %d pairs, %d unique images, %d unique captions",
-        name, len(refs), len(flat), len(uniq), len(texts),
+    src = make_source(
+        source, train_shards=list(urls), train_csv=csv_path, image_col=image_col, caption_col=caption_col,
+        num_samples=num_samples, synthetic_image_size=synthetic_image_size, seed=seed,
     )  # fmt: skip
-    return PairTable(name, list(uniq), image_refs, list(texts), row_image, row_text, synthetic)
+    return src.read_pairs(captions=captions, limit=limit, seed=seed)

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import glob
-import itertools
 import json
 import logging
-import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import braceexpand
 import torch
 import webdataset as wds
-
-from alignkit.data.samples import BadSample, BadSampleCounter, PairTransform
 
 log = logging.getLogger(__name__)
 
@@ -51,35 +47,12 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     return urls
 
 
-def count_samples(urls: list[str], num_samples: int | None = None) -> int:
-    """Epoch size: ``num_samples`` if given, else ``sizes.json`` ({shard name: count}) or img2dataset
-    ``<shard>_stats.json`` (``successes``) next to the shards."""
-    if num_samples:
-        return int(num_samples)
-    first = Path(urls[0])
-    sizes_file = first.parent / "sizes.json"
-    if sizes_file.is_file():
-        sizes = json.loads(sizes_file.read_text())
-        try:
-            return sum(int(sizes[Path(u).name]) for u in urls)
-        except KeyError as e:
-            raise KeyError(
-                f"{sizes_file} has no entry for shard {e}; regenerate it or set data.num_samples"
-            ) from None
-    stats = [Path(u).with_name(Path(u).stem + "_stats.json") for u in urls]
-    if all(s.is_file() for s in stats):
-        return sum(int(json.loads(s.read_text())["successes"]) for s in stats)
-    raise ValueError(
-        f"cannot tell how many samples {urls[0]}... hold: no sizes.json or img2dataset *_stats.json next to the "
-        f"shards. Set data.num_samples=N (the total number of pairs) or write sizes.json with scripts/make_shards.py"
-    )
-
-
 def shard_sizes(urls: list[str]) -> list[int] | None:
-    """Per-shard sample counts from ``sizes.json`` ({shard name: count}) or img2dataset ``<shard>_stats.json``
-    (``successes``) next to the shards; None when neither is there (exact mode then refuses to start)."""
-    first = Path(urls[0])
-    sizes_file = first.parent / "sizes.json"
+    """Per-shard sample counts: ``sizes.json`` ({shard name: count}) next to the shards, else img2dataset's
+    ``<shard>_stats.json`` (``successes``) beside each shard; None when neither covers every shard.
+
+    The one reader of shard sizes: the epoch size (:func:`count_samples`) and the exact-mode plan both use it."""
+    sizes_file = Path(urls[0]).parent / "sizes.json"
     if sizes_file.is_file():
         sizes = json.loads(sizes_file.read_text())
         if all(Path(u).name in sizes for u in urls):
@@ -90,65 +63,34 @@ def shard_sizes(urls: list[str]) -> list[int] | None:
     return None
 
 
-class _PassesOfSamples:
-    """This rank's and worker's shards, read pass after pass, each pass shuffled on its own.
-
-    Shards are split by node, then by worker (webdataset's ``split_by_node`` / ``split_by_worker``). Each pass
-    reshuffles the shard order and runs the sample shuffle buffer to empty before the next pass begins, so with
-    shards balanced across ranks x workers the first pass yields every sample exactly once. Repeating (``repeat``)
-    keeps every rank and worker stepping the same number of times: the loader's ``with_epoch`` ends the epoch, and
-    DDP never waits on a rank that ran dry.
-    """
-
-    def __init__(
-        self, urls: list[str], shuffle_buffer: int, seed: int, repeat: bool, handler: Callable
-    ) -> None:
-        self.urls, self.shuffle_buffer, self.seed, self.repeat, self.handler = (
-            urls,
-            shuffle_buffer,
-            seed,
-            repeat,
-            handler,
+def count_samples(urls: list[str], num_samples: int | None = None) -> int:
+    """Epoch size: ``num_samples`` if given, else the sum of :func:`shard_sizes`."""
+    if num_samples:
+        return int(num_samples)
+    sizes = shard_sizes(urls)
+    if sizes is not None:
+        return sum(sizes)
+    sizes_file = Path(urls[0]).parent / "sizes.json"
+    if sizes_file.is_file():
+        listed = json.loads(sizes_file.read_text())
+        missing = next(Path(u).name for u in urls if Path(u).name not in listed)
+        raise KeyError(
+            f"{sizes_file} has no entry for shard {missing!r}; regenerate it or set data.num_samples"
         )
-
-    def __call__(self) -> Iterator[dict]:
-        mine = [d["url"] for d in wds.split_by_worker(wds.split_by_node([{"url": u} for u in self.urls]))]
-        if not mine:
-            raise ValueError(
-                f"this rank/worker got no shard: {len(self.urls)} shard(s) for more ranks x workers; lower "
-                f"data.num_workers or split the data into more shards"
-            )
-        for rep in itertools.count() if self.repeat else range(1):
-            order = list(mine)
-            if self.shuffle_buffer > 0:
-                random.Random(hash((self.seed, rep))).shuffle(order)
-            stages = [wds.SimpleShardList(order), wds.tarfile_to_samples(handler=self.handler)]
-            if self.shuffle_buffer > 0:
-                rng = random.Random(hash((self.seed, rep, "samples")))
-                stages.append(
-                    wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)
-                )
-            yield from wds.DataPipeline(*stages)
+    raise ValueError(
+        f"cannot tell how many samples {urls[0]}... hold: no sizes.json or img2dataset *_stats.json next to the "
+        f"shards. Set data.num_samples=N (the total number of pairs) or write sizes.json with scripts/make_shards.py"
+    )
 
 
-class _SafeMap:
-    """Apply the pair transform, counting and skipping :class:`BadSample` s; attach the running skip count."""
-
-    def __init__(self, transform: PairTransform, counter: BadSampleCounter) -> None:
-        self.transform, self.counter = transform, counter
-
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info else 0
-        for sample in src:
-            try:
-                out = self.transform(sample)
-            except BadSample as e:
-                self.counter.skip(sample.get("__key__", "?"), str(e), shard=sample.get("__url__"))
-                continue
-            out["skipped"] = self.counter.count
-            out["worker"] = worker
-            yield out
+def iter_shard_samples(urls: Sequence[str]) -> Iterator[tuple[str, str, dict]]:
+    """(url, key, raw sample) of every sample of ``urls``, in storage order (no split, no shuffle)."""
+    for url in urls:
+        ds = wds.WebDataset(
+            url, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
+        )
+        for sample in ds:
+            yield url, sample["__key__"], sample
 
 
 def collate_pairs(samples: list[dict]) -> dict:
@@ -159,26 +101,3 @@ def collate_pairs(samples: list[dict]) -> dict:
         "skipped": torch.tensor([s["skipped"] for s in samples]),
         "worker": torch.tensor([s["worker"] for s in samples]),
     }
-
-
-def make_wds_pipeline(
-    urls: list[str],
-    transform: PairTransform,
-    batch_size: int,
-    *,
-    shuffle_buffer: int = 1000,
-    seed: int = 0,
-    repeat: bool = True,
-) -> wds.DataPipeline:
-    """Shards → split by node → split by worker → samples → (shuffle per pass) → pair transform → batches.
-
-    Remainders are dropped inside each worker (``partial=False``) so every batch has the same size on every rank.
-    """
-    counter = BadSampleCounter()
-    passes = _PassesOfSamples(urls, shuffle_buffer, seed, repeat, counter.handler)
-    stages = [
-        passes,
-        _SafeMap(transform, counter),
-        wds.batched(batch_size, collation_fn=collate_pairs, partial=False),
-    ]
-    return wds.DataPipeline(*stages)

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit.data.samples import split_captions
 from alignkit.features.cache import cache_key, weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -43,32 +42,16 @@ __all__ = ["TeacherEmbeddingStore", "dataset_identity", "teacher_fingerprint", "
 _PROBE_TEXTS = ["a photo of a cat.", "Ünïcödé, digits 0123 and PUNCTUATION!?", ""]
 
 
-def _file_identity(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if "://" in str(path) or str(path).startswith("pipe:") or not p.exists():
-        return {"path": str(path)}
-    st = p.stat()
-    return {"path": str(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def dataset_identity(datamodule: Any) -> dict[str, Any]:
-    """What the sample keys of ``datamodule`` are unique within: its source and files (or generator settings)."""
-    source = getattr(datamodule, "source", type(datamodule).__name__)
-    ident: dict[str, Any] = {"source": source}
-    if source == "webdataset":
-        ident["shards"] = [_file_identity(u) for u in datamodule.urls]
-    elif source == "csv":
-        ident["csv"] = _file_identity(datamodule.train_csv)
-        ident["columns"] = [datamodule.image_col, datamodule.caption_col]
-    elif source == "synthetic":
-        ident.update(
-            num_samples=datamodule.num_samples or 512,
-            image_size=datamodule.synthetic_image_size,
-            seed=datamodule.seed,
+    """What the sample keys of ``datamodule`` are unique within: its pair source's identity (files with sizes and
+    mtimes, or generator settings; :meth:`alignkit.data.sources.PairSource.identity`)."""
+    source = getattr(datamodule, "pair_source", None)
+    if source is None:
+        raise ValueError(
+            f"teacher cache: cannot tell the identity of the data of {type(datamodule).__name__}: it has no "
+            f".pair_source (use alignkit.data.ImageTextDataModule)"
         )
-    else:
-        raise ValueError(f"teacher cache: cannot tell the identity of data source {source!r}")
-    return ident
+    return source.identity()
 
 
 def _tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
@@ -295,44 +278,6 @@ class TeacherEmbeddingStore:
         return out
 
 
-def iter_all_captions(text: str) -> Iterable[str]:
-    """Every caption line of a sample (the training pipeline may pick any of them)."""
-    return split_captions(text)
-
-
-def _raw_pairs(datamodule: Any) -> Iterable[tuple[str, Any, list[str]]]:
-    """(sample key, PIL image, every caption) for every sample of the data node, in storage order."""
-    from alignkit.data.samples import IMAGE_KEYS, TEXT_KEYS, BadSample, decode_image, first_key
-
-    source = getattr(datamodule, "source", None)
-    if source == "synthetic":
-        from alignkit.data.synthetic import SyntheticShapes
-
-        ds = SyntheticShapes(
-            None, datamodule.num_samples or 512, datamodule.synthetic_image_size, datamodule.seed
-        )
-        for i in range(len(ds)):
-            img, caption = ds.item(i)
-            yield str(i), img, [caption]
-        return
-    if source != "webdataset":
-        raise NotImplementedError(
-            f"teacher cache precompute supports webdataset and synthetic data, not {source!r}"
-        )
-    import webdataset as wds
-
-    for sample in wds.DataPipeline(wds.SimpleShardList(datamodule.urls), wds.tarfile_to_samples()):
-        key = sample.get("__key__", "?")
-        ik, tk = first_key(sample, IMAGE_KEYS), first_key(sample, TEXT_KEYS)
-        if ik is None or tk is None:
-            continue  # the training pipeline skips it too
-        text = sample[tk].decode("utf-8") if isinstance(sample[tk], bytes) else str(sample[tk])
-        try:
-            yield key, decode_image(sample[ik], key), list(iter_all_captions(text))
-        except BadSample:
-            continue
-
-
 @torch.no_grad()
 def precompute(
     store: TeacherEmbeddingStore,
@@ -378,7 +323,7 @@ def precompute(
                 done["texts"] += len(miss)
             caps.clear()
 
-    for key, img, captions in _raw_pairs(datamodule):
+    for key, img, captions in datamodule.pair_source.samples():
         if key not in store.images.index:
             img_keys.append(key)
             imgs.append(pre(img))
