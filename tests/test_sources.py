@@ -59,7 +59,8 @@ def test_csv_size_identity_and_samples(tmp_path, tiny_encoder):
     path, n_rows = _csv(tmp_path)
     src = make_source("csv", train_csv=str(path))
     assert isinstance(src, CsvSource)
-    assert src.size() == n_rows == 5  # every row, usable or not (a bad row is replaced in training, not dropped)
+    # every row, usable or not: a bad row is replaced in training, not dropped
+    assert src.size() == n_rows == 5
     assert src.identity() == {"source": "csv", "csv": _stat(path), "columns": ["image", "caption"]}
     got = [(k, lines) for k, _, lines in src.samples()]
     # broken, missing and caption-less rows are skipped, as training skips them; keys are row numbers
