@@ -89,6 +89,7 @@ def test_the_data_module_and_the_teacher_cache_use_the_same_source(tmp_path):
     synthetic_shards(tmp_path, n=8, per_shard=4)
     dm = ImageTextDataModule(train_shards=str(tmp_path), num_workers=0, batch_size=2)
     assert dm.dataset_size() == dm.pair_source.size() == 8
+    assert dm.urls == dm.pair_source.urls == [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")]
     assert dataset_identity(dm) == dm.pair_source.identity()
     with pytest.raises(ValueError, match="pair_source"):
         dataset_identity(object())

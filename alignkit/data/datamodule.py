@@ -85,6 +85,9 @@ class ImageTextDataModule(L.LightningDataModule):
                 f"{' or '.join(self.pair_source.modes)}"
             )
         self.pair_source.size()  # the epoch size is read now: a missing sizes.json fails before any model is built
+        # The flat keys stay readable: data nodes built on this one pass them on (e.g. to read a pair table).
+        self.train_csv, self.image_col, self.caption_col = train_csv, image_col, caption_col
+        self.num_samples, self.synthetic_image_size = num_samples, synthetic_image_size
         self.source, self.mode, self.batch_size, self.num_workers = source, mode, batch_size, num_workers
         self.shuffle_buffer, self.epoch_rounding = shuffle_buffer, epoch_rounding
         self.augment, self.random_caption, self.seed = augment, random_caption, seed
@@ -94,6 +97,11 @@ class ImageTextDataModule(L.LightningDataModule):
         self.preprocess_train: Callable | None = None
         self.preprocess_val: Callable | None = None
         self.tokenizer: Callable | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        """The expanded shard URLs of a shard source; empty for the others."""
+        return list(getattr(self.pair_source, "urls", []))
 
     def attach(self, preprocess_train: Callable, preprocess_val: Callable, tokenizer: Callable) -> None:
         """Give the data node the model's own preprocessing and tokenizer (open_clip's)."""
