@@ -11,14 +11,16 @@ from lightning.pytorch.callbacks import Callback
 
 
 class RecordKeys(Callback):
-    """Append every trained batch's sample keys to ``<dirpath>/keys_rank<r>.jsonl`` (one line per step)."""
+    """Append every trained batch's sample keys (a cached-feature batch: its pair rows) to
+    ``<dirpath>/keys_rank<r>.jsonl`` (one line per step)."""
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        line = {"step": trainer.global_step, "epoch": trainer.current_epoch, "keys": list(batch["key"])}
+        keys = list(batch["key"]) if "key" in batch else batch["row"].tolist()
+        line = {"step": trainer.global_step, "epoch": trainer.current_epoch, "keys": keys}
         with (self.dirpath / f"keys_rank{trainer.global_rank}.jsonl").open("a") as f:
             f.write(json.dumps(line) + "\n")
 

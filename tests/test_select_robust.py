@@ -154,13 +154,14 @@ def test_select_writes_uncertainty_and_warns_when_the_pick_is_within_noise_of_th
 
 
 def test_datamodule_refuses_unknown_dedup_and_a_sample_too_small_for_k(tmp_path):
-    from alignkit.data.features import FeaturePairDataModule, _check_sample
+    from alignkit.data.features import FeaturePairDataModule
+    from alignkit.features.layer_choice import check_sample
 
     with pytest.raises(ValueError, match=r"data\.selection\.dedup='pairs'"):
         FeaturePairDataModule(source="synthetic", cache_dir=str(tmp_path), selection={"dedup": "pairs"})
     with pytest.raises(ValueError, match=r"sample has 4 pairs after data\.selection\.dedup=both"):
-        _check_sample(4, 100, {"dedup": "both", "k": 5, "n_samples": 50})
-    _check_sample(6, 100, {"dedup": "both", "k": 5, "n_samples": 50})  # k < n: fine
+        check_sample(4, 100, {"dedup": "both", "k": 5, "n_samples": 50})
+    check_sample(6, 100, {"dedup": "both", "k": 5, "n_samples": 50})  # k < n: fine
 
 
 def test_demo_default_is_the_validated_recipe_and_the_paper_recipe_is_one_experiment_away():

@@ -19,7 +19,7 @@ def shards(tmp_path_factory):
     return str(out)
 
 
-def tiny_cfg(tmp_path, shards, text_dir, *extra):
+def tiny_cfg(tmp_path, shards, text_dir, *extra, run=None):
     cfg = compose_train(
         [
             "+experiment=structure",
@@ -39,7 +39,7 @@ def tiny_cfg(tmp_path, shards, text_dir, *extra):
             "callbacks.checkpoint.every_n_train_steps=3",
             *extra,
         ],
-        tmp_path / "run",
+        run or tmp_path / "run",
     )
     with open_dict(cfg):
         cfg.encoder.vision = dict(TINY_VISION)
@@ -120,36 +120,121 @@ def test_eval_interface_is_tap_then_head(tmp_path, shards, tiny_text_dir):
     assert x_txt.shape[1] == 32
 
 
-def test_resume_restores_heads_and_step(tmp_path, shards, tiny_text_dir):
-    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    first = train(tiny_cfg(tmp_path, shards, tiny_text_dir, "trainer.max_steps=5", "export=false"))
-    assert first["global_step"] == 5
+def _recorded(run, *extra):
+    """Overrides that record every trained batch's pair rows into ``run`` (run_helpers.RecordKeys)."""
+    return ["+callbacks.keys._target_=run_helpers.RecordKeys", f"+callbacks.keys.dirpath={run}", *extra]
+
+
+def _rows(run) -> list[list[int]]:
+    return [json.loads(x)["keys"] for x in (run / "keys_rank0.jsonl").read_text().splitlines()]
+
+
+def _heads(run) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+
+# The cosine period pinned to the full 12 steps: a run stopped by trainer.max_steps=5 then resumed to the end
+# follows the same learning rates as the uninterrupted run (by default the period is the run's own max_steps).
+RESUME = (
+    "data.selection.mode=last",
+    "export=false",
+    "trainer.deterministic=true",
+    "scheduler.total_steps=12",
+)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shards, tiny_text_dir):
+    """A 12-step run (2 epochs of 6) that nobody stops: the reference of the resume tests."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    run = tmp / "run"
+    assert train(tiny_cfg(tmp, shards, tiny_text_dir, *_recorded(run, *RESUME), run=run))["global_step"] == 12
+    return run
+
+
+def _assert_same_as_uninterrupted(run, ref) -> None:
+    rows = _rows(run)
+    assert rows == _rows(ref), "the resumed run trained on other batches than the uninterrupted one"
+    for epoch in range(2):  # floor rounding, 96 pairs / 16: each pair exactly once per epoch
+        seen = sorted(r for b in rows[epoch * 6 : (epoch + 1) * 6] for r in b)
+        assert seen == list(range(96))
+    a, b = _heads(ref), _heads(run)
+    assert sorted(a) == sorted(b) and any("head" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k}: resumed heads differ from the uninterrupted run"
+
+
+def test_resume_restores_heads_and_step(tmp_path, shards, tiny_text_dir, uninterrupted):
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    first = train(tiny_cfg(tmp_path, shards, tiny_text_dir, *_recorded(run, *RESUME, "trainer.max_steps=5")))
+    assert first["global_step"] == 5  # stopped mid-epoch 1 (6 steps per epoch)
     ckpt = torch.load(last, weights_only=False)
     assert ckpt["global_step"] == 5 and not any(".towers." in k for k in ckpt["state_dict"])
     assert ckpt["alignkit"]["workflow"] == "structure" and ckpt["alignkit"]["teacher"] is False
     assert ckpt["alignkit"]["model"]["towers"]["vision"]["model"] == "test_vit"
     trained = ckpt["state_dict"]
-    # Resuming with nothing left to do re-saves what it restored: the trained heads, not a fresh (seeded) init.
-    again = train(tiny_cfg(tmp_path, shards, tiny_text_dir, "trainer.max_steps=5", "export=false"))
+    # Resuming with nothing left to do re-saves what it restored: the trained heads, not a fresh (seeded) init,
+    # and the data position (5 batches into epoch 0), not the start of the epoch.
+    again = train(tiny_cfg(tmp_path, shards, tiny_text_dir, *_recorded(run, *RESUME, "trainer.max_steps=5")))
     assert again["resumed_from"].endswith("last.ckpt") and again["global_step"] == 5
-    restored = torch.load(last, weights_only=False)["state_dict"]
-    assert sorted(restored) == sorted(trained) and any("head" in k for k in trained)
+    restored = torch.load(last, weights_only=False)
+    assert sorted(restored["state_dict"]) == sorted(trained) and any("head" in k for k in trained)
     for k, v in trained.items():
-        torch.testing.assert_close(restored[k], v, rtol=0, atol=0, msg=k)
-    second = train(tiny_cfg(tmp_path, shards, tiny_text_dir, "export=false"))
+        torch.testing.assert_close(restored["state_dict"][k], v, rtol=0, atol=0, msg=k)
+    position = restored["FeaturePairDataModule"]["train_loader"]
+    assert (position["epoch"], position["batches"]) == (0, 5)
+    second = train(tiny_cfg(tmp_path, shards, tiny_text_dir, *_recorded(run, *RESUME)))
     assert second["resumed_from"].endswith("last.ckpt") and second["global_step"] == 12
-    # Not checked here: that the resumed run continues with the same batches as an uninterrupted one. Cached-feature
-    # batches carry no loader state, so a resumed STRUCTURE run replays a different batch order (issue 11, item 5).
+    _assert_same_as_uninterrupted(run, uninterrupted)
+
+
+@pytest.mark.slow
+def test_signal_mid_epoch_then_resume_is_bit_identical(tmp_path, shards, tiny_text_dir, uninterrupted):
+    run = tmp_path / "run"
+    signal_at = [
+        "+callbacks.kill._target_=run_helpers.SignalAtStep",
+        "+callbacks.kill.step=8",  # mid-epoch 2 (steps 6..11)
+        "+callbacks.kill.sig=SIGUSR1",
+        f"+callbacks.kill.once_file={tmp_path / 'signalled'}",
+    ]
+    first = train(tiny_cfg(tmp_path, shards, tiny_text_dir, *_recorded(run, *RESUME, *signal_at)))
+    assert first["preempted"] and first["global_step"] == 9  # the signalled batch finishes, then it stops
+    second = train(tiny_cfg(tmp_path, shards, tiny_text_dir, *_recorded(run, *RESUME, *signal_at)))
+    assert second["resumed_from"] == str(run / "checkpoints" / "last.ckpt") and second["global_step"] == 12
+    _assert_same_as_uninterrupted(run, uninterrupted)
+
+
+def test_online_path_is_its_own_data_config(tmp_path, shards, tiny_text_dir):
+    from hydra.utils import instantiate
+
+    # the old switch on the cached node names the new config instead of silently caching (Hydra wraps the error)
+    with pytest.raises(
+        Exception, match=r"data\.features='online'.*use the online data config: data=features_online"
+    ):
+        instantiate(tiny_cfg(tmp_path, shards, tiny_text_dir, "data.features=online").data)
 
 
 def test_online_path_runs_towers_in_the_loop(tmp_path, shards, tiny_text_dir):
     cfg = tiny_cfg(
-        tmp_path, shards, tiny_text_dir, "data.features=online", "data.selection.mode=last", "trainer.max_steps=3",
+        tmp_path, shards, tiny_text_dir, "data=features_online", "data.selection.mode=last", "trainer.max_steps=3",
         "export=false",
     )  # fmt: skip
     summary = train(cfg)
     assert summary["global_step"] == 3 and summary["metrics"]["train/loss"] > 0
     assert not list((tmp_path / "cache").rglob("layer_*.npy"))  # nothing cached with fixed/last layers online
+
+
+def test_online_selection_scores_only_the_first_n_samples(tmp_path, shards, tiny_text_dir):
+    cfg = tiny_cfg(
+        tmp_path, shards, tiny_text_dir, "data=features_online", "trainer.max_steps=2", "export=false"
+    )
+    assert train(cfg)["global_step"] == 2
+    sel = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert sel["features"] == "online" and sel["pairs"] == 64 < 96  # data.selection.n_samples of the 96 pairs
+    assert (tmp_path / "run" / "layer_scores.csv").is_file() and list(
+        (tmp_path / "cache").rglob("layer_*.npy")
+    )
 
 
 def test_open_clip_export_loads_and_encodes_the_same(tmp_path, shards, tiny_text_dir, monkeypatch):

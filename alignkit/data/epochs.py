@@ -335,9 +335,11 @@ class ResumableLoader:
 
     def state_dict(self) -> dict[str, int]:
         p = self.plan
+        # A position loaded but not yet iterated (a resumed run that stops before its first batch, e.g. max_steps
+        # already reached) is still the position: saving 0 would replay the epoch from its start.
+        pos = self._resume or {"epoch": self.epoch, "batches": self.consumed}
         return {
-            "epoch": self.epoch,
-            "batches": self.consumed,
+            **pos,
             "world": p.world,
             "batch_size": p.batch_size,
             "workers": p.workers,
