@@ -44,6 +44,16 @@ class SignalAtStep(Callback):
         os.kill(os.getpid(), self.sig)
 
 
+def signal_at_step(step: int, once_file: str | Path, sig: str = "SIGUSR1") -> list[str]:
+    """Overrides that add :class:`SignalAtStep` to a run (signalled once: a resumed run goes on)."""
+    return [
+        "+callbacks.kill._target_=run_helpers.SignalAtStep",
+        f"+callbacks.kill.step={step}",
+        f"+callbacks.kill.sig={sig}",
+        f"+callbacks.kill.once_file={once_file}",
+    ]
+
+
 class Sleep(Callback):
     """Sleep after every batch: gives an outside test a window to signal a tiny run mid-epoch."""
 

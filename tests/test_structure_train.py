@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import TINY_VISION, compose_train, load_in_fresh_process, synthetic_shards
 from omegaconf import open_dict
+from run_helpers import signal_at_step
 
 from alignkit.run.train import train
 
@@ -192,12 +193,7 @@ def test_resume_restores_heads_and_step(tmp_path, shards, tiny_text_dir, uninter
 @pytest.mark.slow
 def test_signal_mid_epoch_then_resume_is_bit_identical(tmp_path, shards, tiny_text_dir, uninterrupted):
     run = tmp_path / "run"
-    signal_at = [
-        "+callbacks.kill._target_=run_helpers.SignalAtStep",
-        "+callbacks.kill.step=8",  # mid-epoch 2 (steps 6..11)
-        "+callbacks.kill.sig=SIGUSR1",
-        f"+callbacks.kill.once_file={tmp_path / 'signalled'}",
-    ]
+    signal_at = signal_at_step(8, tmp_path / "signalled")  # mid-epoch 2 (steps 6..11)
     first = train(tiny_cfg(tmp_path, shards, tiny_text_dir, *_recorded(run, *RESUME, *signal_at)))
     assert first["preempted"] and first["global_step"] == 9  # the signalled batch finishes, then it stops
     second = train(tiny_cfg(tmp_path, shards, tiny_text_dir, *_recorded(run, *RESUME, *signal_at)))

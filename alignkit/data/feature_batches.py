@@ -44,13 +44,9 @@ class FeatureEpochBatches:
     def __init__(self, image: Tensor, row_image: Tensor, text: Tensor, row_text: Tensor, seed: int) -> None:
         if len(row_image) != len(row_text):
             raise ValueError(f"{len(row_image)} image rows but {len(row_text)} text rows: not one per pair")
-        self.image, self.row_image, self.text, self.row_text, self.seed = (
-            image,
-            row_image,
-            text,
-            row_text,
-            seed,
-        )
+        self.image, self.row_image = image, row_image
+        self.text, self.row_text = text, row_text
+        self.seed = seed
 
     def __len__(self) -> int:
         """Number of training pairs (``N`` of the plan)."""
