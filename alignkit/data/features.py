@@ -28,24 +28,15 @@ from torch import Tensor
 
 from alignkit.data.epochs import EpochPlan, ResumableLoader
 from alignkit.data.feature_batches import FeatureEpochBatches
-from alignkit.data.pair_table import PairTable, read_pairs
+from alignkit.data.pair_table import PairTable
+from alignkit.data.sources import PairSource, make_source
 from alignkit.encoders.frozen_towers import FrozenTowers
 from alignkit.features.extract import FeatureExtractor
 from alignkit.features.layer_choice import SelectionOptions, choose_layers, write_selection_record
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeaturePairDataModule", "read_table"]
-
-
-def read_table(node: Any, limit: int | None) -> PairTable:
-    """The pair table of a data node's source (``source``, ``urls``, ``train_csv``, ``image_col``, ``caption_col``,
-    ``num_samples``, ``synthetic_image_size``, ``captions``, ``seed`` attributes), at most ``limit`` samples."""
-    return read_pairs(
-        node.source, urls=node.urls, csv_path=node.train_csv, image_col=node.image_col,
-        caption_col=node.caption_col, num_samples=node.num_samples or 512,
-        synthetic_image_size=node.synthetic_image_size, captions=node.captions, limit=limit, seed=node.seed,
-    )  # fmt: skip
+__all__ = ["FeaturePairDataModule"]
 
 
 class FeaturePairDataModule(L.LightningDataModule):
@@ -53,7 +44,8 @@ class FeaturePairDataModule(L.LightningDataModule):
 
     Args:
         source / train_shards / train_csv / image_col / caption_col / num_samples / synthetic_image_size: the
-            pair source, as in :class:`~alignkit.data.ImageTextDataModule`.
+            pair source (:func:`~alignkit.data.sources.make_source`, ``.pair_source``), as in
+            :class:`~alignkit.data.ImageTextDataModule`.
         captions: ``all`` (one row per caption; each image still encoded once) or ``first``.
         max_pairs: keep this many source samples (seeded subset; STRUCTURE's subsampling runs).
         cache_dir: feature cache root; must be writable (checked here, before anything is encoded).
@@ -102,23 +94,16 @@ class FeaturePairDataModule(L.LightningDataModule):
         if epoch_rounding not in ("floor", "ceil"):
             raise ValueError(f"data.epoch_rounding={epoch_rounding!r} is not one of floor, ceil")
         self.options = SelectionOptions.from_config(selection, image_layer, text_layer)
-        self.source, self.captions, self.max_pairs = source, captions, max_pairs
-        self.image_col, self.caption_col, self.train_csv = image_col, caption_col, train_csv
-        self.num_samples, self.synthetic_image_size = num_samples, synthetic_image_size
+        # the pair source checks its paths now, before any model is built
+        self.pair_source: PairSource = make_source(
+            source, train_shards=train_shards, train_csv=train_csv, image_col=image_col, caption_col=caption_col,
+            num_samples=num_samples, synthetic_image_size=synthetic_image_size, seed=seed,
+        )  # fmt: skip
+        self.captions, self.max_pairs = captions, max_pairs
         self.image_layer, self.text_layer = image_layer, text_layer
         self.batch_size, self.epoch_rounding, self.seed = batch_size, epoch_rounding, seed
-        self.urls: list[str] = []
-        if source == "webdataset":
-            from alignkit.data.webdataset import expand_urls
-
-            if train_shards is None:
-                raise ValueError("data.source=webdataset needs data.train_shards (a directory or brace spec)")
-            self.urls = expand_urls(train_shards)
-        elif source == "csv" and (train_csv is None or not Path(train_csv).is_file()):
-            raise FileNotFoundError(f"data.train_csv={train_csv!r} does not exist")
-        self.extractor = FeatureExtractor(
-            cache_dir, encode_batch_size
-        )  # fails now if the cache is not writable
+        # fails now (naming data.cache_dir) if the cache cannot be written: before anything is encoded
+        self.extractor = FeatureExtractor(cache_dir, encode_batch_size)
         self.table: PairTable | None = None
         self.feats: dict[str, Tensor] = {}
         self.info: dict[str, int] = {}
@@ -128,7 +113,7 @@ class FeaturePairDataModule(L.LightningDataModule):
     def prepare_features(self, encoder: FrozenTowers, output_dir: str | Path | None = None) -> dict[str, int]:
         """Extract (or load) features, select the layer pair; returns what the module needs
         (``image_layer``, ``text_layer``, ``image_dim``, ``text_dim``)."""
-        table = read_table(self, self.max_pairs)
+        table = self.pair_source.read_pairs(self.captions, limit=self.max_pairs, seed=self.seed)
         choice = choose_layers(
             encoder, table, self.extractor, self.options, self.image_layer, self.text_layer, output_dir
         )

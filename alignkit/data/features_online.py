@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from alignkit.data.datamodule import ImageTextDataModule
-from alignkit.data.features import read_table
 from alignkit.encoders.frozen_towers import FrozenTowers
 from alignkit.features.extract import FeatureExtractor
 from alignkit.features.layer_choice import (
@@ -55,9 +54,8 @@ class OnlineFeaturePairDataModule(ImageTextDataModule):
         super().__init__(**pairs)
         self.options = SelectionOptions.from_config(selection, image_layer, text_layer)
         self.captions, self.image_layer, self.text_layer = captions, image_layer, text_layer
-        self.extractor = FeatureExtractor(
-            cache_dir, encode_batch_size
-        )  # fails now if the cache is not writable
+        # fails now (naming data.cache_dir) if the cache cannot be written: before anything is encoded
+        self.extractor = FeatureExtractor(cache_dir, encode_batch_size)
         self.info: dict[str, int] = {}
 
     def prepare_features(self, encoder: FrozenTowers, output_dir: str | Path | None = None) -> dict[str, int]:
@@ -68,7 +66,9 @@ class OnlineFeaturePairDataModule(ImageTextDataModule):
             li, lt = preset_layers(encoder, self.options, self.image_layer, self.text_layer)
             info, sample, table = layer_info(li, lt, *encoder.layer_dims(li, lt)), None, None
         else:
-            table = read_table(self, int(self.options.n_samples))
+            table = self.pair_source.read_pairs(
+                self.captions, limit=int(self.options.n_samples), seed=self.seed
+            )
             choice = choose_layers(encoder, table, self.extractor, self.options, output_dir=output_dir)
             info, sample = choice.info(), choice.sample
         self.info = write_selection_record(info, self.options, "online", sample, table, output_dir)
