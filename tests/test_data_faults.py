@@ -154,15 +154,15 @@ def test_smoke_with_webdataset_counts_the_shards_it_is_given(tmp_path):
 
 
 def test_structure_pair_table_skips_a_non_utf8_caption(tmp_path):
-    from alignkit.data.pair_table import read_pairs
+    from alignkit.data.sources import WebDatasetSource
 
     urls = keyed_shards(tmp_path, [6], bad={"000000002": {"txt": LATIN1}})
-    table = read_pairs("webdataset", urls=urls, captions="first")
+    table = WebDatasetSource(list(urls)).read_pairs(captions="first")
     assert len(table.row_image) == 5 and "une légende" not in " ".join(table.texts)
 
 
 def test_structure_pair_table_skips_a_corrupt_image_naming_it(tmp_path, caplog):
-    from alignkit.data.pair_table import read_pairs
+    from alignkit.data.sources import WebDatasetSource
 
     good = image_bytes(Image.new("RGB", (8, 8), (200, 10, 10)))[0]
     urls = keyed_shards(
@@ -171,7 +171,7 @@ def test_structure_pair_table_skips_a_corrupt_image_naming_it(tmp_path, caplog):
         bad={"000000001": {"jpg": b"not an image"}, "000000004": {"jpg": good[: len(good) // 2]}},
     )
     with caplog.at_level(logging.WARNING, logger="alignkit.data.pair_table"):
-        table = read_pairs("webdataset", urls=urls, captions="first")
+        table = WebDatasetSource(list(urls)).read_pairs(captions="first")
     assert len(table.row_image) == 4 and len(table.image_ids) == 4
     named = " ".join(r.getMessage() for r in caplog.records)
     assert "000000001" in named and "000000004" in named and "2 samples" in named

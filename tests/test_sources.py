@@ -102,6 +102,8 @@ def test_unknown_kind_and_missing_keys_fail_naming_the_fix(tmp_path):
         make_source("webdataset")
     with pytest.raises(ValueError, match=r"data\.train_csv="):
         make_source("csv")
+    with pytest.raises(TypeError, match=r"unknown data keys \['train_shard'\]"):
+        make_source("webdataset", train_shard="/data/{0..9}.tar")
     with pytest.raises(FileNotFoundError, match=r"data\.train_csv='/nonexistent.csv'"):
         make_source("csv", train_csv="/nonexistent.csv")
     (tmp_path / "cols.csv").write_text("path,text\nx.png,y\n")

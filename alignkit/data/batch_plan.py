@@ -9,7 +9,22 @@ precompute script and the benchmarks read it from the built run, and the module 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
+
+
+def loader_steps(samples: int, per_device: int, world: int, rounding: Literal["floor", "ceil"]) -> int:
+    """Loader batches per rank per epoch: floor (drop the remainder, as the released CLIP-Refine code: 117,104 / 512
+    -> 228) or ceil (top the last global batch up) of samples / (per_device x world); at least one, or a clear error."""
+    n = samples / (per_device * world)
+    steps = math.floor(n) if rounding == "floor" else math.ceil(n)
+    if steps < 1:
+        raise ValueError(
+            f"{samples} samples cannot fill one global batch of {per_device} x {world}; lower data.batch_size or "
+            "add data"
+        )
+    return steps
 
 
 @dataclass(frozen=True)

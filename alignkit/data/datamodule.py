@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from typing import Literal
 
 import lightning as L
 
+from alignkit.data.batch_plan import loader_steps
 from alignkit.data.epochs import EpochPlan, ResumableLoader
 from alignkit.data.samples import PairTransform
-from alignkit.data.sources import PairSource, make_source
+from alignkit.data.sources import PairSource, make_source, source_keys
 
 log = logging.getLogger(__name__)
 Source = Literal["webdataset", "csv", "synthetic"]
@@ -69,16 +69,7 @@ class ImageTextDataModule(L.LightningDataModule):
             raise ValueError(f"data.mode={mode!r} is not one of {', '.join(MODES)}")
         if batch_size <= 0:
             raise ValueError(f"data.batch_size must be positive, got {batch_size}")
-        self.pair_source: PairSource = make_source(
-            source,
-            train_shards=train_shards,
-            train_csv=train_csv,
-            image_col=image_col,
-            caption_col=caption_col,
-            num_samples=num_samples,
-            synthetic_image_size=synthetic_image_size,
-            seed=seed,
-        )
+        self.pair_source: PairSource = make_source(source, **source_keys(locals()))
         if mode not in self.pair_source.modes:
             raise ValueError(
                 f"data.mode={mode} is for webdataset shards; data.source={source} uses data.mode="
@@ -129,14 +120,7 @@ class ImageTextDataModule(L.LightningDataModule):
     def steps_per_epoch(self, world_size: int | None = None) -> int:
         """Optimizer-free count of batches per rank per epoch for the global batch per_device × world."""
         world = world_size or self._world()
-        n = self.dataset_size() / (self.batch_size * world)
-        steps = math.floor(n) if self.epoch_rounding == "floor" else math.ceil(n)
-        if steps < 1:
-            raise ValueError(
-                f"{self.dataset_size()} samples cannot fill one global batch of {self.batch_size} x {world}; "
-                f"lower data.batch_size or add data"
-            )
-        return steps
+        return loader_steps(self.dataset_size(), self.batch_size, world, self.epoch_rounding)
 
     def _plan(self) -> EpochPlan:
         trainer = getattr(self, "trainer", None)

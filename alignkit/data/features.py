@@ -16,7 +16,6 @@ training step instead.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -26,10 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alignkit.data.batch_plan import loader_steps
 from alignkit.data.epochs import EpochPlan, ResumableLoader
 from alignkit.data.feature_batches import FeatureEpochBatches
 from alignkit.data.pair_table import PairTable
-from alignkit.data.sources import PairSource, make_source
+from alignkit.data.sources import PairSource, make_source, source_keys
 from alignkit.encoders.frozen_towers import FrozenTowers
 from alignkit.features.extract import FeatureExtractor
 from alignkit.features.layer_choice import SelectionOptions, choose_layers, write_selection_record
@@ -95,10 +95,7 @@ class FeaturePairDataModule(L.LightningDataModule):
             raise ValueError(f"data.epoch_rounding={epoch_rounding!r} is not one of floor, ceil")
         self.options = SelectionOptions.from_config(selection, image_layer, text_layer)
         # the pair source checks its paths now, before any model is built
-        self.pair_source: PairSource = make_source(
-            source, train_shards=train_shards, train_csv=train_csv, image_col=image_col, caption_col=caption_col,
-            num_samples=num_samples, synthetic_image_size=synthetic_image_size, seed=seed,
-        )  # fmt: skip
+        self.pair_source: PairSource = make_source(source, **source_keys(locals()))
         self.captions, self.max_pairs = captions, max_pairs
         self.image_layer, self.text_layer = image_layer, text_layer
         self.batch_size, self.epoch_rounding, self.seed = batch_size, epoch_rounding, seed
@@ -147,15 +144,9 @@ class FeaturePairDataModule(L.LightningDataModule):
         return len(self.feats["row_image"])
 
     def steps_per_epoch(self, world_size: int | None = None) -> int:
+        """Optimizer-free count of batches per rank per epoch for the global batch per_device × world."""
         world = world_size or self._world()[1]
-        n = self.dataset_size() / (self.batch_size * world)
-        steps = math.floor(n) if self.epoch_rounding == "floor" else math.ceil(n)
-        if steps < 1:
-            raise ValueError(
-                f"{self.dataset_size()} pairs cannot fill one global batch of {self.batch_size} x {world}; "
-                "lower data.batch_size or add data"
-            )
-        return steps
+        return loader_steps(self.dataset_size(), self.batch_size, world, self.epoch_rounding)
 
     def train_dataloader(self) -> ResumableLoader:
         rank, world = self._world()

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PairTable", "Scan", "read_pairs"]
+__all__ = ["PairTable", "Scan"]
 
 
 @dataclass
@@ -123,28 +123,3 @@ def caption_lines(raw: bytes | str, mode: str, key: str = "?") -> list[str]:
         log.warning("%s", e)
         return []
     return lines[:1] if mode == "first" else lines
-
-
-def read_pairs(
-    source: Literal["webdataset", "csv", "synthetic"],
-    *,
-    urls: Sequence[str] = (),
-    csv_path: str | None = None,
-    image_col: str = "image",
-    caption_col: str = "caption",
-    num_samples: int = 512,
-    synthetic_image_size: int = 32,
-    captions: Literal["all", "first"] = "all",
-    limit: int | None = None,
-    seed: int = 0,
-) -> PairTable:
-    """The pair table of a training source given by its ``data.*`` keys: ``make_source(...).read_pairs(...)``
-    (see :meth:`alignkit.data.sources.PairSource.read_pairs`); ``seed`` is the synthetic generator's seed and the
-    seed of the CSV subset."""
-    from alignkit.data.sources import make_source
-
-    src = make_source(
-        source, train_shards=list(urls), train_csv=csv_path, image_col=image_col, caption_col=caption_col,
-        num_samples=num_samples, synthetic_image_size=synthetic_image_size, seed=seed,
-    )  # fmt: skip
-    return src.read_pairs(captions=captions, limit=limit, seed=seed)

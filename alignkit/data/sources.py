@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -51,7 +51,16 @@ from alignkit.data.webdataset import (
     shard_sizes,
 )
 
-__all__ = ["KINDS", "CsvSource", "PairSource", "SyntheticSource", "WebDatasetSource", "make_source"]
+__all__ = [
+    "KINDS",
+    "SOURCE_KEYS",
+    "CsvSource",
+    "PairSource",
+    "SyntheticSource",
+    "WebDatasetSource",
+    "make_source",
+    "source_keys",
+]
 
 Captions = Literal["all", "first"]
 RawSample = tuple[str, Image.Image, list[str]]
@@ -70,6 +79,13 @@ class PairSource(ABC):
 
     kind: ClassVar[str]
     modes: ClassVar[tuple[str, ...]] = ("exact",)  # data.mode values this source can be read in
+    # the flat data.* keys this kind reads -> its constructor arguments (see make_source)
+    reads: ClassVar[dict[str, str]]
+
+    @classmethod
+    def from_keys(cls, keys: Mapping[str, Any]) -> PairSource:
+        """This kind built from the flat ``data.*`` keys it reads (the others are ignored)."""
+        return cls(**{arg: keys[key] for key, arg in cls.reads.items() if key in keys})
 
     @abstractmethod
     def size(self) -> int:
@@ -139,8 +155,9 @@ class WebDatasetSource(PairSource):
 
     kind = "webdataset"
     modes = ("exact", "resampled")
+    reads: ClassVar[dict[str, str]] = {"train_shards": "train_shards", "num_samples": "num_samples"}
 
-    def __init__(self, train_shards: str | list[str] | None, num_samples: int | None = None) -> None:
+    def __init__(self, train_shards: str | list[str] | None = None, num_samples: int | None = None) -> None:
         if train_shards is None:
             raise ValueError(
                 "data.source=webdataset needs data.train_shards, e.g. /data/coco/{00000..00231}.tar"
@@ -230,8 +247,15 @@ class CsvSource(_MapSource):
     rows, one sample per row. Checked at construction: the file exists and has both columns."""
 
     kind = "csv"
+    reads: ClassVar[dict[str, str]] = {
+        "train_csv": "train_csv",
+        "image_col": "image_col",
+        "caption_col": "caption_col",
+    }
 
-    def __init__(self, train_csv: str | None, image_col: str = "image", caption_col: str = "caption") -> None:
+    def __init__(
+        self, train_csv: str | None = None, image_col: str = "image", caption_col: str = "caption"
+    ) -> None:
         if train_csv is None:
             raise ValueError("data.source=csv needs data.train_csv=/path/to/pairs.csv")
         if not Path(train_csv).is_file():
@@ -301,6 +325,11 @@ class SyntheticSource(_MapSource):
     """``num_samples`` coloured shapes captioned "a <colour> <shape>" (:class:`SyntheticShapes`), no files."""
 
     kind = "synthetic"
+    reads: ClassVar[dict[str, str]] = {
+        "num_samples": "num_samples",
+        "synthetic_image_size": "image_size",
+        "seed": "seed",
+    }
 
     def __init__(self, num_samples: int | None = None, image_size: int = 32, seed: int = 0) -> None:
         self.num_samples = num_samples or 512
@@ -345,21 +374,31 @@ class SyntheticSource(_MapSource):
 KINDS: dict[str, type[PairSource]] = {s.kind: s for s in (WebDatasetSource, CsvSource, SyntheticSource)}
 
 
-def make_source(
-    kind: str,
-    train_shards: str | list[str] | None = None,
-    train_csv: str | None = None,
-    image_col: str = "image",
-    caption_col: str = "caption",
-    num_samples: int | None = None,
-    synthetic_image_size: int = 32,
-    seed: int = 0,
-) -> PairSource:
-    """The source of kind ``data.source`` from the flat ``data.*`` keys (the one place that reads the kind)."""
-    if kind == WebDatasetSource.kind:
-        return WebDatasetSource(train_shards, num_samples)
-    if kind == CsvSource.kind:
-        return CsvSource(train_csv, image_col, caption_col)
-    if kind == SyntheticSource.kind:
-        return SyntheticSource(num_samples, synthetic_image_size, seed)
-    raise ValueError(f"data.source={kind!r} is not one of {', '.join(KINDS)}")
+# The flat ``data.*`` keys of the data nodes that describe the source; each kind reads its own (``from_keys``).
+SOURCE_KEYS = (
+    "train_shards",
+    "train_csv",
+    "image_col",
+    "caption_col",
+    "num_samples",
+    "synthetic_image_size",
+    "seed",
+)
+
+
+def make_source(kind: str, **keys: Any) -> PairSource:
+    """The source of kind ``data.source`` from the flat ``data.*`` keys (:data:`SOURCE_KEYS`; the one place that
+    reads the kind). Keys another kind uses are ignored, so one config can switch kinds with ``data.source=``."""
+    unknown = sorted(set(keys) - set(SOURCE_KEYS))
+    if unknown:
+        raise TypeError(
+            f"make_source: unknown data keys {unknown}; the source keys are {', '.join(SOURCE_KEYS)}"
+        )
+    if kind not in KINDS:
+        raise ValueError(f"data.source={kind!r} is not one of {', '.join(KINDS)}")
+    return KINDS[kind].from_keys(keys)
+
+
+def source_keys(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`SOURCE_KEYS` among a data node's constructor arguments (``locals()``)."""
+    return {k: values[k] for k in SOURCE_KEYS if k in values}
