@@ -23,7 +23,8 @@ import torch
 from alignkit.data.evalsets import ClassificationSet, EvalSet
 from alignkit.encoders.frozen_towers import FrozenTowers, _plain
 from alignkit.eval.encode import EncodedEvalSet, _texts_and_targets, evaluate_embeddings
-from alignkit.features.cache import CachedFeatures, FeatureCache, encode_batches, feature_key
+from alignkit.features.cache import CachedFeatures, FeatureCache, encode_batches
+from alignkit.features.extract import tower_key, tower_taps
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,6 @@ def shared_towers(**kwargs: Any) -> FrozenTowers:
     if key not in _TOWERS:
         _TOWERS[key] = FrozenTowers(**kwargs)
     return _TOWERS[key]
-
-
-class _Taps:
-    def __init__(self, fn: Any) -> None:
-        self.forward_layers = fn
 
 
 class CachedEvalSet:
@@ -77,22 +73,17 @@ def encode_cached(
     txt_digest = _digest([t.encode() for t in texts])
     out = {}
     for which, n, digest in (("image", len(imgs), img_digest), ("text", len(texts), txt_digest)):
-        tower, ident = towers.tower(which), towers.identity(which)
-        layers = list(range(tower.num_layers))
-        key = feature_key(
-            encoder=f"{which}:{json.dumps(ident['spec'], sort_keys=True)}", weights=ident["weights"],
-            layers=layers, pooling=getattr(tower, "pool", "masked_mean"), preprocessing=ident["preprocessing"],
-            dataset={"source": f"evalset:{evalset.name}", which: digest},
-        )  # fmt: skip
+        layers = list(range(towers.tower(which).num_layers))
+        key = tower_key(towers, which, layers, {"source": f"evalset:{evalset.name}", which: digest})
         if which == "image":
             batches = (
                 torch.stack([towers.preprocess_val(im) for im in imgs[s : s + batch_size]])
                 for s in range(0, n, batch_size)
             )
-            run = encode_batches(_Taps(towers.image_layers), batches, layers)
+            run = encode_batches(tower_taps(towers, "image"), batches, layers)
         else:
             chunks = (towers.tokenizer(texts[s : s + batch_size]) for s in range(0, n, batch_size))
-            run = encode_batches(_Taps(towers.text_layers), chunks, layers)
+            run = encode_batches(tower_taps(towers, "text"), chunks, layers)
         out[which] = cache.get_or_compute(
             key, lambda run=run: run, num_items=n, total_batches=math.ceil(n / batch_size),
             desc=f"eval {evalset.name} {which} ({n})",
