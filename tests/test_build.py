@@ -26,9 +26,11 @@ SMALL = [
     "devices, nodes, accumulation, rounding, epochs, steps, global_batch, optimizer_steps",
     [
         # 100 samples / (6 per device x 2 devices = 12 per loader step) = 8.33: floor 8 (4 dropped), ceil 9;
-        # global batch 6 x 2 x 3 = 36; optimizer steps: 8 x 2 epochs = 16 batches // 3 = 5, 18 // 3 = 6
-        (2, 1, 3, "floor", 2, 8, 36, 5),
+        # global batch 6 x 2 x 3 = 36; optimizer steps: per epoch windows of 3 batches, the last one partial
+        # (Lightning steps on it): ceil(8 / 3) = 3 -> 6 over 2 epochs; ceil(9 / 3) = 3 -> 6; 1 epoch of 8 -> 3
+        (2, 1, 3, "floor", 2, 8, 36, 6),
         (2, 1, 3, "ceil", 2, 9, 36, 6),
+        (2, 1, 3, "floor", 1, 8, 36, 3),
         # 2 nodes x 2 devices: 100 / 24 = 4.17 -> 4 per rank; global batch 6 x 4 x 1 = 24; 4 optimizer steps
         (2, 2, 1, "floor", 1, 4, 24, 4),
     ],
@@ -147,3 +149,37 @@ def test_benchmark_trains_exactly_the_planned_steps(tmp_path, monkeypatch):
     # a config whose epoch is not the batches a benchmark feeds is refused, naming the fix
     with pytest.raises(ValueError, match=r"data\.num_samples=20"):
         real_build(bc.compose(bench_overhead.overrides(args, "contrastive")), 5)
+
+
+def test_a_partial_accumulation_window_is_trained_and_the_run_ends_on_plan(tmp_path):
+    """5 loader batches per epoch at accumulation 2, 2 epochs: Lightning steps after batches 2, 4 and 5 of each
+    epoch (it closes the partial window at the epoch's end), so 6 optimizer steps see all 10 batches. A plan of
+    floor(10 / 2) = 5 steps would stop in the second epoch after its first window (9 batches)."""
+    import lightning as L
+
+    class CountBatches(L.Callback):
+        def __init__(self) -> None:
+            self.batches = 0
+
+        def on_train_batch_end(self, *args, **kwargs) -> None:
+            self.batches += 1
+
+    cfg = compose_train(
+        [
+            "+experiment=smoke",
+            "data.num_samples=40",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "trainer.accumulate_grad_batches=2",
+            "epochs=2",
+            "callbacks.checkpoint=null",
+            "callbacks.evaluation=null",
+        ],
+        tmp_path,
+    )
+    counter = CountBatches()
+    run = build_run(cfg, extra_callbacks=(counter,))
+    assert (run.plan.steps_per_epoch, run.plan.optimizer_steps) == (5, 6)
+    run.trainer.fit(run.module, datamodule=run.data)
+    assert counter.batches == 10
+    assert run.trainer.global_step == 6

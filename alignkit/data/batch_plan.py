@@ -61,14 +61,14 @@ class BatchPlan:
 
     @property
     def optimizer_steps(self) -> int:
-        """Optimizer steps of the whole run: loader batches per rank over all epochs // accumulation.
+        """Optimizer steps of the whole run: ceil(loader batches per epoch / accumulation) per epoch.
 
-        Floor division, as the step-based LR schedule has always been sized. It counts loader batches, not
-        Lightning's windows (Lightning also steps on a partial window at an epoch's end): when the batches per
-        epoch are not a multiple of ``accumulation``, the run ends at this many steps, before the last batches."""
+        Lightning closes a partial accumulation window at an epoch's end with an optimizer step
+        (``_TrainingEpochLoop._should_accumulate``), so an epoch of 13 batches at accumulation 4 is 4 steps, not 3;
+        counting floor(batches over all epochs / accumulation) would stop the run before its last batches."""
         if self.steps_per_epoch is None:
             raise ValueError("this batch plan has no epoch length (made from a batch, not from a data node)")
-        return (self.steps_per_epoch * self.epochs) // self.accumulation
+        return self.epochs * -(-self.steps_per_epoch // self.accumulation)
 
     def logged(self) -> dict[str, float]:
         """What the training module logs every logging step: ``data/batch_per_device`` and ``data/batch_global``."""
