@@ -1,4 +1,4 @@
-"""Frozen encoder towers with per-layer taps: timm vision models, HF text models, either open_clip tower.
+"""Frozen encoder towers with per-layer taps: timm vision models and Hugging Face text models.
 
 Every tower has layers ``0 .. num_layers-1``; the **last layer is always the encoder's own pooled output**
 (``forward(inputs)``), the earlier ones are pooled block outputs:
@@ -12,8 +12,6 @@ Every tower has layers ``0 .. num_layers-1``; the **last layer is always the enc
   after the final 1×1 conv (``conv_head``/``bn2``), i.e. ``forward_head(pre_logits=True)``.
 * ``HFTextTower``: attention-masked mean of every hidden state, the embedding output included (layer 0). The
   last one is sentence-transformers' mean-pooling embedding before normalisation.
-* ``OpenCLIPTower``: pooled token (class/EOT token, per the tower's pool type) after every residual block,
-  before the final LayerNorm, then ``output`` = ``encode_image``/``encode_text`` unnormalised.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureTower", "HFTextTower", "OpenCLIPTower", "TimmVisionTower"]
+__all__ = ["FeatureTower", "HFTextTower", "TimmVisionTower"]
 
 
 class FeatureTower(nn.Module):
@@ -216,66 +214,3 @@ def _st_max_length(path: str) -> int | None:
     if cfg.is_file():
         return int(json.loads(cfg.read_text()).get("max_seq_length", 0)) or None
     return None
-
-
-class OpenCLIPTower(FeatureTower):
-    """One tower of an open_clip model (built-in ViT / text transformer), tapped after each residual block."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        which: Literal["image", "text"] = "image",
-        tokenizer: Callable[[Sequence[str]], Tensor] | None = None,
-        frozen: bool = True,
-    ) -> None:
-        super().__init__(frozen)
-        if which not in ("image", "text"):
-            raise ValueError(f"which must be 'image' or 'text', got {which!r}")
-        self.model, self.which, self.tokenizer = model, which, tokenizer
-        self._freeze(model)
-        if which == "image":
-            blocks = getattr(getattr(model.visual, "transformer", None), "resblocks", None)
-            hint = "for a timm trunk wrap model.visual.trunk with TimmVisionTower"
-        else:
-            text = getattr(model, "text", model)
-            blocks = getattr(getattr(text, "transformer", None), "resblocks", None)
-            hint = "for a Hugging Face text tower use HFTextTower on its weights"
-        if blocks is None:
-            raise NotImplementedError(f"OpenCLIPTower taps open_clip's own transformer towers only; {hint}")
-        self.layer_names = [f"resblocks.{i}" for i in range(len(blocks))] + ["output"]
-
-    def forward_layers(
-        self, inputs: Tensor | Sequence[str], layers: Sequence[int] | None = None
-    ) -> dict[int, Tensor]:
-        from open_clip.transformer import text_global_pool
-
-        layers = self.resolve_layers(layers)
-        take = [i for i in layers if i != self.num_layers - 1] or [0]
-        m = self.model
-        if self.which == "image":
-            out = m.forward_intermediates(
-                image=inputs, image_indices=take, normalize=False, image_output_fmt="NLC",
-                image_output_extra_tokens=True,
-            )  # fmt: skip
-            pool = getattr(m.visual, "pool_type", "tok")
-            feats = [
-                pre[:, 0] if pool == "tok" else sp.mean(dim=1)
-                for sp, pre in zip(out["image_intermediates"], out["image_intermediates_prefix"])
-            ]
-            final = out["image_features"]
-        else:
-            if not isinstance(inputs, Tensor):
-                if self.tokenizer is None:
-                    raise ValueError("pass token ids or give OpenCLIPTower a tokenizer")
-                inputs = self.tokenizer(inputs)
-            inputs = inputs.to(next(m.parameters()).device)
-            out = m.forward_intermediates(text=inputs, text_indices=take, normalize=False)
-            text = getattr(m, "text", m)
-            pool = getattr(m, "text_pool_type", None) or getattr(text, "pool_type", "argmax")
-            eos = getattr(m, "text_eos_id", None) or getattr(text, "eos_id", None)
-            feats = [text_global_pool(x, inputs, pool, eos_token_id=eos) for x in out["text_intermediates"]]
-            feats = [f[0] if isinstance(f, tuple) else f for f in feats]
-            final = out["text_features"]
-        result = dict(zip(take, feats))
-        result[self.num_layers - 1] = final
-        return {i: result[i] for i in layers}
