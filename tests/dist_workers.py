@@ -249,3 +249,55 @@ def data_worker(rank: int, world: int, out_dir: str, shards: str, num_workers: i
         tail = [list(b["key"]) for b in fresh]
         result[mode] = {"epochs": epochs, "resumed": head + tail, "state": state}
     torch.save(result, Path(out_dir) / f"data_rank{rank}.pt")
+
+
+def nonfinite_overrides(action: str, step: int, run_dir: Path) -> list[str]:
+    """The smoke run on 2 CPU processes (4 steps of 8 pairs per rank, a checkpoint after every step), with rank 1's
+    loss NaN at ``step`` and every rank's parameters recorded after each step."""
+    return [
+        "+experiment=smoke",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "evalsets=none",
+        "data.num_samples=64",
+        "data.batch_size=8",
+        "epochs=1",  # 64 / (8 x 2) = 4 optimizer steps
+        "callbacks.checkpoint.every_n_train_steps=1",
+        f"callbacks.nonfinite.action={action}",
+        "+callbacks.poison._target_=run_helpers.NanLossOnRankAtStep",
+        f"+callbacks.poison.step={step}",
+        "+callbacks.poison.rank=1",
+        "+callbacks.params._target_=run_helpers.RecordParams",
+        f"+callbacks.params.dirpath={run_dir / 'params'}",
+    ]
+
+
+def nonfinite_worker(rank: int, world: int, port: int, out_dir: str, step: int) -> None:
+    """Rank ``rank`` of a 2-process ``train()`` started the way torchrun / SLURM start one (the environment names
+    the rank; Lightning launches nothing), once with ``callbacks.nonfinite.action=stop``, then with ``skip``.
+    Writes each run's summary or :class:`NonFiniteError` message to ``out_dir/rank{r}.pt``."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    from helpers import compose_train
+
+    from alignkit.callbacks.nonfinite import NonFiniteError
+    from alignkit.run.train import train
+
+    result = {}
+    for action in ("stop", "skip"):
+        run_dir = Path(out_dir) / action
+        try:
+            result[action] = {
+                "summary": train(compose_train(nonfinite_overrides(action, step, run_dir), run_dir))
+            }
+        except NonFiniteError as e:
+            result[action] = {"error": str(e)}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,13 @@ from alignkit.run.configs import CONFIG_DIR
 REPO = Path(__file__).resolve().parent.parent
 # A random-init timm ViT as the vision tower of tiny frozen-encoder runs (no download).
 TINY_VISION = {"kind": "timm", "model": "test_vit", "pretrained": False, "pool": "cls", "init_seed": 0}
+
+
+def free_port() -> int:
+    """A free TCP port on this machine for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def compose_train(

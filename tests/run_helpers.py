@@ -94,3 +94,51 @@ class KillDuringSave(Callback):
         self.seen += 1
         if self.seen == self.nth:
             checkpoint["zz_kill"] = _KillWhenPickled()  # last key: most of the file is written first
+
+
+class NanLossOnRankAtStep(Callback):
+    """Multiply the loss by NaN on rank ``rank`` only, at ``step``: the other ranks' losses stay finite, so only
+    DDP's gradient all-reduce can tell them about it (unlike NaN images, which gathered losses would spread)."""
+
+    def __init__(self, step: int, rank: int = 1) -> None:
+        self.step, self.rank = step, rank
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        def poison(module, args, terms):
+            if pl_module.training and (trainer.global_step, trainer.global_rank) == (self.step, self.rank):
+                return {**terms, "loss": terms["loss"] * float("nan")}
+            return None
+
+        pl_module.loss.register_forward_hook(poison)
+
+
+class RecordParams(Callback):
+    """Append, before training and after every training batch, a digest of this rank's trainable parameters to
+    ``<dirpath>/params_rank<r>.jsonl``: the SHA-256 of their bytes (bit-identical or not), whether all are finite,
+    and the largest AdamW ``step`` in the optimizer state (how many updates the optimizer applied)."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def _write(self, trainer, pl_module) -> None:
+        import hashlib
+
+        import torch
+
+        flat = torch.cat([p.detach().reshape(-1).cpu() for p in pl_module.parameters() if p.requires_grad])
+        state = trainer.optimizers[0].state.values() if trainer.optimizers else []
+        line = {
+            "step": trainer.global_step,
+            "sha": hashlib.sha256(flat.numpy().tobytes()).hexdigest(),
+            "finite": bool(torch.isfinite(flat).all()),
+            "optimizer_steps": max((int(s["step"]) for s in state if "step" in s), default=0),
+        }
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        with (self.dirpath / f"params_rank{trainer.global_rank}.jsonl").open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._write(trainer, pl_module)

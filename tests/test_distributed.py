@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-
 import dist_workers as dw
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import uneven_shards
+from helpers import free_port, uneven_shards
 
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _close(a, b, tol=1e-5):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
+import dist_workers as dw
 import pytest
 import torch
-from helpers import REPO, compose_train
+import torch.multiprocessing as mp
+from helpers import REPO, compose_train, free_port
 
 from alignkit.callbacks.nonfinite import NonFiniteError
 from alignkit.run.preflight import ConfigError
@@ -137,3 +140,74 @@ def test_with_fp16_loss_scaling_an_overflowing_gradient_is_left_to_the_scaler():
     module.last_loss_terms["loss_rafa"] = torch.tensor(1.0)
     with pytest.raises(NonFiniteError, match="non-finite gradient at step 7"):
         guard.on_before_optimizer_step(trainer, module, opt)
+
+
+NAN_STEP, DDP_STEPS = 2, 4
+
+
+@pytest.fixture(scope="module")
+def ddp_nan(tmp_path_factory):
+    """2 real processes (gloo), rank 1's loss NaN at step 2: a ``stop`` run, then a ``skip`` run (tests/dist_workers
+    .nonfinite_worker); a rank that waits forever on the other fails the test instead of hanging it."""
+    out = tmp_path_factory.mktemp("ddp_nan")
+    ctx = mp.start_processes(
+        dw.nonfinite_worker,
+        args=(2, free_port(), str(out), NAN_STEP),
+        nprocs=2,
+        start_method="spawn",
+        join=False,
+    )
+    deadline = time.monotonic() + 150  # ~11 s alone on 2 cores
+    while not ctx.join(timeout=1):  # raises (and ends the other rank) if one rank failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2-process non-finite runs hung (one rank waited on the other)")
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _digests(run_dir, rank):
+    lines = (run_dir / "params" / f"params_rank{rank}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.mark.slow
+def test_ddp_nan_loss_on_one_rank_stops_every_rank_at_that_step(ddp_nan):
+    out, results = ddp_nan
+    for rank, r in enumerate(results):
+        # every rank raised at the same step; only rank 1's own loss was NaN, rank 0 learned of it from the gradient
+        assert "summary" not in r["stop"]
+        assert f"non-finite gradient at step {NAN_STEP} (epoch 0, rank {rank})" in r["stop"]["error"]
+        mine = "loss=nan" if rank == 1 else "loss finite on this rank (another rank's was not)"
+        assert f"non-finite loss terms: {mine}" in r["stop"]["error"]
+    run = out / "stop"
+    assert not (run / "open_clip").exists() and not (run / "summary.json").exists()
+    # the checkpoints went right up to the broken step and hold no part of it
+    steps = []
+    for ckpt in (run / "checkpoints").glob("*.ckpt"):
+        state = torch.load(ckpt, weights_only=False, map_location="cpu")
+        steps.append(state["global_step"])
+        assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    assert max(steps) == NAN_STEP
+    digests = [_digests(run, r) for r in range(2)]
+    assert [d["step"] for d in digests[0]] == list(range(NAN_STEP + 1))  # before training, after steps 0, 1
+    assert digests[0] == digests[1]
+
+
+@pytest.mark.slow
+def test_ddp_nan_loss_on_one_rank_is_skipped_alike_on_every_rank(ddp_nan):
+    out, results = ddp_nan
+    for r in results:
+        assert "error" not in r["skip"], r["skip"]["error"]
+        assert r["skip"]["summary"]["global_step"] == DDP_STEPS
+        assert r["skip"]["summary"]["nonfinite_skipped_steps"] == 1
+    digests = [_digests(out / "skip", r) for r in range(2)]
+    assert digests[0] == digests[1]  # bit-identical parameters on both ranks, before and after every step
+    d = digests[0]
+    assert [x["step"] for x in d] == list(range(DDP_STEPS + 1)) and all(x["finite"] for x in d)
+    # d[i] is the state after i steps: step NAN_STEP changed nothing (no parameter, no optimizer-state update),
+    # every other step did
+    changed = [d[i + 1]["sha"] != d[i]["sha"] for i in range(DDP_STEPS)]
+    assert changed == [i != NAN_STEP for i in range(DDP_STEPS)]
+    assert [x["optimizer_steps"] for x in d] == [0, 1, 2, 2, 3]
+    assert (out / "skip" / "open_clip").is_dir()
