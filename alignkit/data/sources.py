@@ -79,13 +79,12 @@ class PairSource(ABC):
 
     kind: ClassVar[str]
     modes: ClassVar[tuple[str, ...]] = ("exact",)  # data.mode values this source can be read in
-    # the flat data.* keys this kind reads -> its constructor arguments (see make_source)
-    reads: ClassVar[dict[str, str]]
+    reads: ClassVar[tuple[str, ...]]  # the flat data.* keys this kind reads = its constructor's arguments
 
     @classmethod
     def from_keys(cls, keys: Mapping[str, Any]) -> PairSource:
         """This kind built from the flat ``data.*`` keys it reads (the others are ignored)."""
-        return cls(**{arg: keys[key] for key, arg in cls.reads.items() if key in keys})
+        return cls(**{k: keys[k] for k in cls.reads if k in keys})
 
     @abstractmethod
     def size(self) -> int:
@@ -155,7 +154,7 @@ class WebDatasetSource(PairSource):
 
     kind = "webdataset"
     modes = ("exact", "resampled")
-    reads: ClassVar[dict[str, str]] = {"train_shards": "train_shards", "num_samples": "num_samples"}
+    reads = ("train_shards", "num_samples")
 
     def __init__(self, train_shards: str | list[str] | None = None, num_samples: int | None = None) -> None:
         if train_shards is None:
@@ -247,11 +246,7 @@ class CsvSource(_MapSource):
     rows, one sample per row. Checked at construction: the file exists and has both columns."""
 
     kind = "csv"
-    reads: ClassVar[dict[str, str]] = {
-        "train_csv": "train_csv",
-        "image_col": "image_col",
-        "caption_col": "caption_col",
-    }
+    reads = ("train_csv", "image_col", "caption_col")
 
     def __init__(
         self, train_csv: str | None = None, image_col: str = "image", caption_col: str = "caption"
@@ -325,20 +320,16 @@ class SyntheticSource(_MapSource):
     """``num_samples`` coloured shapes captioned "a <colour> <shape>" (:class:`SyntheticShapes`), no files."""
 
     kind = "synthetic"
-    reads: ClassVar[dict[str, str]] = {
-        "num_samples": "num_samples",
-        "synthetic_image_size": "image_size",
-        "seed": "seed",
-    }
+    reads = ("num_samples", "synthetic_image_size", "seed")
 
-    def __init__(self, num_samples: int | None = None, image_size: int = 32, seed: int = 0) -> None:
+    def __init__(self, num_samples: int | None = None, synthetic_image_size: int = 32, seed: int = 0) -> None:
         self.num_samples = num_samples or 512
         if self.num_samples < 1:
             raise ValueError(
                 f"data.num_samples must be positive for data.source=synthetic, got {num_samples}"
             )
-        self.image_size, self.seed = image_size, seed
-        self._shapes = SyntheticShapes(None, self.num_samples, image_size, seed)  # type: ignore[arg-type]
+        self.image_size, self.seed = synthetic_image_size, seed
+        self._shapes = SyntheticShapes(None, self.num_samples, synthetic_image_size, seed)  # type: ignore[arg-type]
 
     def size(self) -> int:
         return self.num_samples
