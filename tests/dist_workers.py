@@ -203,9 +203,13 @@ class _FakeTrainer:
 
 
 def all_worker(rank: int, world: int, port: int, out_dir: str, shards: str) -> None:
-    """One spawn for every check (process start-up dominates the cost): losses + gradients, then the data plan."""
-    losses_worker(rank, world, port, out_dir)
+    """One spawn for every check (process start-up dominates the cost): the data plan, then losses + gradients.
+
+    The data plan runs first: its DataLoader workers are forked, and forking before gloo and the intra-op thread
+    pool have started threads in this process keeps the children free of locks held by threads they do not have
+    (the plan only needs the rank and world, not the process group)."""
     data_worker(rank, world, out_dir, shards, 2)
+    losses_worker(rank, world, port, out_dir)
     dist.barrier()
     dist.destroy_process_group()
 
