@@ -193,3 +193,37 @@ def test_recipe_dry_run(tmp_path, recipe, run):
     assert "DRY RUN" in md and ("54.69" in md if recipe == "clip_refine_coco" else "65.8" in md)
     with pytest.raises(ValueError, match="--coco-shards"):
         run_recipe(recipe, tmp_path / "real", None, str(tmp_path), dry_run=False)
+
+
+def test_meta_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """results.json records the data root relative to where reproduce ran: no machine path in the artefact."""
+    from alignkit.run.reproduce.offline import _relative
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "offline_repro").mkdir(parents=True)
+    assert _relative(tmp_path / "data" / "offline_repro") == "data/offline_repro"
+    assert _relative(Path("data/offline_repro")) == "data/offline_repro"
+    outside = tmp_path.parent / "elsewhere"
+    assert _relative(outside) == str(outside)  # not under the working directory: left as given
+
+
+def test_committed_results_hold_no_absolute_paths():
+    """Every string in the committed replication artefacts is free of absolute machine paths."""
+    root = Path(__file__).resolve().parents[1] / "docs" / "results"
+    found = []
+
+    def walk(o, where):
+        if isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, f"{where}/{k}")
+        elif isinstance(o, list):
+            for i, v in enumerate(o):
+                walk(v, f"{where}[{i}]")
+        elif isinstance(o, str) and o.startswith("/"):
+            found.append((where, o))
+
+    files = sorted(root.rglob("*.json"))
+    assert files
+    for f in files:
+        walk(json.loads(f.read_text()), f.name)
+    assert not found, found

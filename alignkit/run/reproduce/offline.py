@@ -180,6 +180,14 @@ def _split(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
     return out
 
 
+def _relative(path: Path) -> str:
+    """``path`` relative to the working directory where it lies under it, else as given (never made absolute)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def merge_results(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """Rows of both (``new`` wins); per-row meta merged, run-level meta of each process kept under ``runs``."""
     rows = {**old["rows"], **new["rows"]}
@@ -232,7 +240,8 @@ def run_offline(
     meta: dict[str, Any] = {
         "parts": sorted({r.part for r in table.values()}),
         "scale": asdict(sc) | {"name": scale if isinstance(scale, str) else "custom"},
-        "data_root": str(root),
+        # relative to the working directory (the repo root under `make reproduce`): no machine path in artefacts
+        "data_root": _relative(root),
         "split_counts": json.loads((root / "splits.json").read_text()),
         "split_overlaps": overlaps,
         "rows": {k: asdict(v) for k, v in table.items()},

@@ -106,7 +106,7 @@ def run_part_b(
         # The start's image tower is EfficientNet-Lite0 (BatchNorm): in train mode its running statistics are
         # re-estimated from the few refinement batches, which alone takes validation zero-shot from 0.664 to 0.388
         # (12 forwards, no weight update) and swamps every loss. CLIP-Refine's ViTs have no BatchNorm, so keeping
-        # the statistics fixed (weights still trained) is the faithful setting. The README's Part B numbers predate it.
+        # the statistics fixed (weights still trained) is the faithful setting.
         "module.freeze_norm_stats=true",
         *sc.b_overrides,
     ]  # fmt: skip
