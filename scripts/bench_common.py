@@ -98,7 +98,7 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
     from omegaconf import open_dict
 
-    from alignkit.run.configs import CONFIG_DIR
+    from alignkit.core.configs import CONFIG_DIR
 
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
         cfg = hcompose(config_name="train", overrides=overrides)

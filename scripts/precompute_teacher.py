@@ -17,9 +17,9 @@ import lightning as L
 from omegaconf import DictConfig
 
 from alignkit.callbacks.teacher_cache import fingerprint_for
+from alignkit.core.configs import CONFIG_DIR
 from alignkit.features.teacher_store import TeacherEmbeddingStore, precompute
 from alignkit.run.build import build_run
-from alignkit.run.configs import CONFIG_DIR
 
 log = logging.getLogger("precompute_teacher")
 

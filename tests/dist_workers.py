@@ -1,7 +1,7 @@
 """Functions run inside real worker processes (torch.multiprocessing spawn, gloo) by tests/test_distributed.py.
 
 Each worker computes single-process references *before* joining the process group (the helpers in
-alignkit.run.distributed are the identity then), joins, recomputes under the distributed semantics and writes what it
+alignkit.core.distributed are the identity then), joins, recomputes under the distributed semantics and writes what it
 measured to ``out_dir/rank{r}.pt``; the test process compares.
 """
 

@@ -17,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from alignkit.run.configs import CONFIG_DIR
+from alignkit.core.configs import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 # A random-init timm ViT as the vision tower of tiny frozen-encoder runs (no download).

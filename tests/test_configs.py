@@ -13,8 +13,8 @@ import pytest
 from helpers import TINY_VISION, compose_train, synthetic_shards
 from omegaconf import open_dict
 
+from alignkit.core.configs import CONFIG_DIR
 from alignkit.run.build import build_run
-from alignkit.run.configs import CONFIG_DIR
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 

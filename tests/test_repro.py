@@ -14,9 +14,9 @@ import pytest
 from helpers import compose_train
 from PIL import Image
 
-from alignkit.run.reproduce.offline import _split, val_score
 from alignkit.run.reproduce.results import render_table
 from alignkit.run.reproduce.rows import METRICS, ROWS, rows_for
+from alignkit.run.reproduce.runner import split_metrics, val_score
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,8 +61,8 @@ def test_val_score_and_metric_names():
     m = {"zs/fashion_mnist/top1": 0.5, "ret/openclipart/i2t_r@1": 0.2, "ret/openclipart/t2i_r@1": 0.1}
     assert val_score(m) == pytest.approx(0.5 + 0.15)
     raw = {"val/zs/test_fashion_mnist/top1": 0.7, "val/zs/val_fashion_mnist/top1": 0.6, "train/loss": 1.0}
-    assert _split(raw, "test") == {"zs/fashion_mnist/top1": 0.7}
-    assert _split(raw, "val") == {"zs/fashion_mnist/top1": 0.6}
+    assert split_metrics(raw, "test") == {"zs/fashion_mnist/top1": 0.7}
+    assert split_metrics(raw, "val") == {"zs/fashion_mnist/top1": 0.6}
 
 
 def test_render_table_mean_and_std():
@@ -197,14 +197,14 @@ def test_recipe_dry_run(tmp_path, recipe, run):
 
 def test_meta_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
     """results.json records the data root relative to where reproduce ran: no machine path in the artefact."""
-    from alignkit.run.reproduce.offline import _relative
+    from alignkit.run.reproduce.runner import relative
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "offline_repro").mkdir(parents=True)
-    assert _relative(tmp_path / "data" / "offline_repro") == "data/offline_repro"
-    assert _relative(Path("data/offline_repro")) == "data/offline_repro"
+    assert relative(tmp_path / "data" / "offline_repro") == "data/offline_repro"
+    assert relative(Path("data/offline_repro")) == "data/offline_repro"
     outside = tmp_path.parent / "elsewhere"
-    assert _relative(outside) == str(outside)  # not under the working directory: left as given
+    assert relative(outside) == str(outside)  # not under the working directory: left as given
 
 
 def test_committed_results_hold_no_absolute_paths():

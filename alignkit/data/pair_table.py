@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -20,12 +20,16 @@ from PIL import Image
 from alignkit.data.samples import IMAGE_KEYS, BadSample, decode_image, split_captions
 from alignkit.features.cache import unique_with_index
 
-if TYPE_CHECKING:
-    from alignkit.data.sources import PairSource
-
 log = logging.getLogger(__name__)
 
-__all__ = ["PairTable", "Scan"]
+__all__ = ["ImageOrigin", "PairTable", "Scan"]
+
+
+class ImageOrigin(Protocol):
+    """Reads a source's images again from the references its scan recorded (every
+    :class:`alignkit.data.sources.PairSource` is one; named by shape so this module does not import its user)."""
+
+    def iter_images(self, refs: Sequence[tuple]) -> Iterator[Image.Image]: ...
 
 
 @dataclass
@@ -55,7 +59,7 @@ class PairTable:
     texts: list[str]  # unique captions
     row_image: np.ndarray
     row_text: np.ndarray
-    origin: PairSource  # the source that reads the images of ``image_refs`` again
+    origin: ImageOrigin  # the source that reads the images of ``image_refs`` again
 
     def __len__(self) -> int:
         return len(self.row_image)
@@ -71,7 +75,7 @@ class PairTable:
         return self.origin.iter_images(self.image_refs)
 
     @classmethod
-    def build(cls, scan: Scan, origin: PairSource) -> PairTable:
+    def build(cls, scan: Scan, origin: ImageOrigin) -> PairTable:
         """Deduplicate a source's scan into unique images (by content hash) and unique captions."""
         if scan.skipped:
             log.warning(

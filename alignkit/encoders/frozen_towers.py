@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from alignkit.core.fingerprint import weights_fingerprint
 from alignkit.encoders.towers import FeatureTower, HFTextTower, TimmVisionTower
 
 log = logging.getLogger(__name__)
@@ -194,8 +195,6 @@ class FrozenTowers(nn.Module):
 
     def identity(self, which: str) -> dict[str, Any]:
         """Cache-key part: spec, weights fingerprint and preprocessing of one tower."""
-        from alignkit.features.cache import weights_fingerprint
-
         if which not in self._fingerprints:
             self._fingerprints[which] = weights_fingerprint(self.tower(which))
         pre = repr(self.preprocess_val) if which == "image" else {"context_length": self.context_length}

@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
+from alignkit.core.distributed import rank as dist_rank
+from alignkit.core.distributed import world_size as dist_world
 from alignkit.data.evalsets import ClassificationSet, EvalSet
 from alignkit.metrics import (
     geometry_metrics,
@@ -25,8 +27,6 @@ from alignkit.metrics import (
     zeroshot_logits,
     zeroshot_metrics,
 )
-from alignkit.run.distributed import rank as dist_rank
-from alignkit.run.distributed import world_size as dist_world
 
 __all__ = [
     "EncodedEvalSet",

@@ -20,11 +20,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from alignkit.core.configs import CONFIG_DIR  # one config tree for train.py and eval.py
 from alignkit.encoders.openclip import WeightsUnavailableError, create_open_clip, register_shipped_configs
 from alignkit.eval.recorder import EvalRecorder
 from alignkit.eval.report import METRICS_FILE
 from alignkit.run.checkpointing import load_checkpoint, read_alignkit_spec, resolve_checkpoint
-from alignkit.run.configs import CONFIG_DIR  # one config tree for train.py and eval.py
 from alignkit.run.export import extract_state_dict, find_architecture
 from alignkit.run.hub import is_open_clip_dir
 

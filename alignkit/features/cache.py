@@ -16,7 +16,6 @@ On a shared filesystem this needs working ``flock`` (NFS v4, Lustre mounted with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,8 +36,9 @@ try:
     import fcntl
 except ImportError:  # not POSIX: concurrent builds still end in one consistent entry (atomic rename)
     fcntl = None
-from torch import nn
 from tqdm.auto import tqdm
+
+from alignkit.core.fingerprint import cache_key, canonical, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -59,53 +59,6 @@ _MANIFEST = "manifest.json"
 
 class CacheError(RuntimeError):
     """The cache cannot be used (unwritable root, inconsistent compute output)."""
-
-
-def _digest_tensor(t: torch.Tensor | np.ndarray) -> dict[str, Any]:
-    if isinstance(t, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(t))
-    t = t.detach().cpu().contiguous()
-    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-    return {"sha256": hashlib.sha256(raw).hexdigest(), "dtype": str(t.dtype), "shape": list(t.shape)}
-
-
-def _canonical(obj: Any) -> Any:
-    """JSON-able, unambiguous form of a key part. Arrays hash their bytes: never ``str()`` (it elides)."""
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, (np.integer, np.floating, np.bool_)):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, range):
-        return {"range": [obj.start, obj.stop, obj.step]}
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return {"array": _digest_tensor(obj)}
-    if isinstance(obj, Mapping):
-        return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(obj, (list, tuple)):
-        return [_canonical(v) for v in obj]
-    raise TypeError(f"cannot use {type(obj).__name__} in a cache key; pass str/int/float/list/dict/array")
-
-
-def cache_key(key_parts: Mapping[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of ``key_parts``."""
-    blob = json.dumps(_canonical(key_parts), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def weights_fingerprint(source: nn.Module | str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a weights file's bytes, or of a module's state dict (names, dtypes, shapes, bytes)."""
-    h = hashlib.sha256()
-    if isinstance(source, nn.Module):
-        for name, t in source.state_dict().items():
-            h.update(name.encode())
-            h.update(json.dumps(_digest_tensor(t)).encode())
-        return h.hexdigest()
-    with open(source, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def feature_key(
@@ -351,7 +304,7 @@ class FeatureCache:
             }
         manifest = {
             "key": key,
-            "key_parts": _canonical(key_parts),
+            "key_parts": canonical(key_parts),
             "num_items": num_items,
             "layers": layers_meta,
             "index": index_meta,

@@ -12,22 +12,40 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
-from alignkit.data.pair_table import PairTable
 from alignkit.encoders.frozen_towers import FrozenTowers
 from alignkit.features.cache import CachedFeatures, CacheError, FeatureCache, encode_batches, feature_key
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureExtractor", "tower_key", "tower_taps"]
+__all__ = ["FeatureExtractor", "PairItems", "tower_key", "tower_taps"]
+
+
+class PairItems(Protocol):
+    """What feature extraction reads of a set of image-caption pairs: unique images and captions, and per pair
+    row the index of each. :class:`alignkit.data.pair_table.PairItems` is one; features sit below data in the
+    layer order, so they name the shape, not the class."""
+
+    image_ids: list[str]
+    texts: list[str]
+    row_image: np.ndarray
+    row_text: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def identity(self) -> dict: ...
+
+    def iter_images(self) -> Iterator[Image.Image]: ...
 
 
 class FeatureExtractor:
-    """Encode (or load) the features of a :class:`PairTable`'s unique images or captions.
+    """Encode (or load) the features of a :class:`PairItems`'s unique images or captions.
 
     Args:
         cache_dir: feature cache root; must be writable (checked here, before anything is encoded).
@@ -44,7 +62,7 @@ class FeatureExtractor:
         self.batch_size = batch_size
 
     def encode(
-        self, encoder: FrozenTowers, table: PairTable, which: Literal["image", "text"], layers: list[int]
+        self, encoder: FrozenTowers, table: PairItems, which: Literal["image", "text"], layers: list[int]
     ) -> CachedFeatures:
         """Features of ``layers`` for every unique image (``which="image"``) or caption of ``table``, one row
         per unique item (``table.row_image`` / ``row_text`` map pairs to rows)."""
@@ -77,7 +95,7 @@ class FeatureExtractor:
 
 
 def _image_batches(
-    encoder: FrozenTowers, table: PairTable, bs: int, device: torch.device
+    encoder: FrozenTowers, table: PairItems, bs: int, device: torch.device
 ) -> Iterator[Tensor]:
     """The table's unique images through the towers' eval preprocessing, stacked ``bs`` at a time."""
     buf: list[Tensor] = []
@@ -90,7 +108,7 @@ def _image_batches(
         yield torch.stack(buf).to(device)
 
 
-def _dataset(table: PairTable, which: str) -> dict[str, Any]:
+def _dataset(table: PairItems, which: str) -> dict[str, Any]:
     data = table.identity()
     return {"source": data["source"], which: data["images" if which == "image" else "texts"]}
 

@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_only
 
-from alignkit.data.pair_table import PairTable
 from alignkit.encoders.frozen_towers import FrozenTowers
 from alignkit.features.cache import CachedFeatures
-from alignkit.features.extract import FeatureExtractor
+from alignkit.features.extract import FeatureExtractor, PairItems
 from alignkit.features.select import DEDUP, select_layers, selection_rows
 
 log = logging.getLogger(__name__)
@@ -119,7 +118,7 @@ def layer_info(image_layer: int, text_layer: int, image_dim: int, text_dim: int)
 
 def choose_layers(
     encoder: FrozenTowers,
-    table: PairTable,
+    table: PairItems,
     extractor: FeatureExtractor,
     opts: SelectionOptions,
     image_layer: int | None = None,
@@ -177,7 +176,7 @@ def write_selection_record(
     opts: SelectionOptions,
     features: str,
     sample: Mapping[str, Any] | None,
-    table: PairTable | None,
+    table: PairItems | None,
     output_dir: str | Path | None,
 ) -> dict[str, int]:
     """Log what the run aligns and write ``<output_dir>/selection.json`` (rank 0); returns ``info``."""

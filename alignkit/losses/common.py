@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from alignkit.run.distributed import all_gather_no_grad, all_gather_with_grad, rank
+from alignkit.core.distributed import all_gather_no_grad, all_gather_with_grad, rank
 
 CrossRank = Literal["local", "gather_local_loss", "gather_global_loss"]
 LogitScale = Literal["none", "model", "learnable"]

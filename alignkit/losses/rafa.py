@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from alignkit.core.distributed import rank, world_size
 from alignkit.losses.common import check_choice, maybe_normalize
-from alignkit.run.distributed import rank, world_size
 
 Prior = Literal["normal", "uniform", "data_stats"]
 Reduction = Literal["mean", "paper"]

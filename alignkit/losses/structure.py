@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignkit.core.distributed import all_gather_with_grad
 from alignkit.losses.common import CrossRank
 from alignkit.losses.contrastive import InfoNCE
-from alignkit.run.distributed import all_gather_with_grad
 
 Weighting = Literal["none", "inverse"]
 Centering = Literal["none", "mean", "standard"]

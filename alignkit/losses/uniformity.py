@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from alignkit.core.distributed import all_gather_no_grad, all_gather_with_grad, rank, world_size
 from alignkit.losses.common import CROSS_RANK_CHOICES, CrossRank, check_choice
-from alignkit.run.distributed import all_gather_no_grad, all_gather_with_grad, rank, world_size
 
 PairLogWeight = Callable[[Tensor, Tensor], Tensor]
 

@@ -18,10 +18,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from alignkit.callbacks.nonfinite import NonFiniteError
+from alignkit.core.configs import CONFIG_DIR
 from alignkit.eval.report import METRICS_FILE, REPORT_FILE, load_history
 from alignkit.run.build import ExportsItself, build_run
 from alignkit.run.checkpointing import check_checkpoint_compatible, clean_temp_parts, resolve_ckpt_path
-from alignkit.run.configs import CONFIG_DIR
 from alignkit.run.export import EXPORT_DIR, export_module
 from alignkit.run.loggers import (
     flat_hparams,

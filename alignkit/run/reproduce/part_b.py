@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.run.reproduce.rows import ROWS, Row
+from alignkit.run.reproduce.runner import QUIET, NotRun, split_metrics, train_run, val_score
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,6 @@ def run_part_b(
     clock: Callable[[str], None],
     only_finished: bool = False,
 ) -> None:
-    from alignkit.run.reproduce.offline import QUIET, NotRun, _split, _train, val_score
 
     # 1. The start: the best exportable Part A recipe on validation (seed 0, bias-free text head).
     starts: dict[str, tuple[float, Path, dict]] = {}
@@ -115,10 +115,10 @@ def run_part_b(
         run_dir = out / "runs" / name.replace("/", "_") / f"lr{lr:g}"
         t = time.monotonic()
         ov = [*common, f"optimizer.lr={lr}", *row.overrides]
-        summary = _train(
+        summary = train_run(
             row.experiment, ov, run_dir, _evalset_nodes(root, ("val", "test")), only_finished=only_finished
         )
-        te, va = _split(summary["metrics"], "test"), _split(summary["metrics"], "val")
+        te, va = split_metrics(summary["metrics"], "test"), split_metrics(summary["metrics"], "val")
         clock(
             f"{name} lr {lr:g}: {summary['global_step']} steps, {time.monotonic() - t:.0f} s; val zs "
             f"{va['zs/fashion_mnist/top1']:.3f} i2t {va['ret/openclipart/i2t_r@1']:.3f} "
@@ -144,10 +144,10 @@ def run_part_b(
             saved.write_text(json.dumps({"key": key, "metrics": m}, indent=1))
         for name, row in b_rows.items():
             if row.pretrained and m:
-                results[name], meta["val"][name] = _split(m, "test"), _split(m, "val")
+                results[name], meta["val"][name] = split_metrics(m, "test"), split_metrics(m, "val")
                 meta["seeds"][name] = [sc.seeds[0]]
         if m:
-            clock(f"B/pretrained: test zs {_split(m, 'test')['zs/fashion_mnist/top1']:.3f}")
+            clock(f"B/pretrained: test zs {split_metrics(m, 'test')['zs/fashion_mnist/top1']:.3f}")
 
     # 3. The learning rate of B/clip_refine on validation; every other Part B row then uses it. Every run is
     # evaluated on validation and test at its end with the same settings, so a run is reusable whichever role it

@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from alignkit.run.configs import CONFIG_DIR
+from alignkit.core.configs import CONFIG_DIR
 from alignkit.run.reproduce.rows import PAPER
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def run_recipe(
     say: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
     """Run recipe ``name`` (module docstring) into ``out``; returns ``{run: {metric: value}}`` incl. "before"."""
-    from alignkit.run.reproduce.offline import QUIET, _train
+    from alignkit.run.reproduce.runner import QUIET, train_run
 
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; one of {sorted(RECIPES)}")
@@ -169,7 +169,7 @@ def run_recipe(
                          "text": {"kind": "hf", "path": tiny_text_tower(out / "tiny_text")}, "context_length": 16}  # fmt: skip
             ov.append("data.train_shards=null")
         say(f"{name}: {label} (+experiment={experiment} {' '.join(ov)})")
-        _train(experiment, ov, run_dir, nodes, encoder_patch=cfg_patch)
+        train_run(experiment, ov, run_dir, nodes, encoder_patch=cfg_patch)
         before, after = _before_after(run_dir)
         measured.setdefault("before training", before)
         measured[label] = after

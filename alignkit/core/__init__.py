@@ -1,0 +1,5 @@
+"""The bottom layer: rank helpers, config discovery and content fingerprints.
+
+Imports nothing else from alignkit, so every other package may use it (the layer order is written once, in
+``tests/test_layers.py``).
+"""
