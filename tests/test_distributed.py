@@ -11,6 +11,10 @@ from helpers import free_port, uneven_shards
 WORLD = 2
 
 
+# Every test here shares one 2-process gloo job (~15 s to spawn): the slow tier.
+pytestmark = pytest.mark.slow
+
+
 def _close(a, b, tol=1e-5):
     torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 

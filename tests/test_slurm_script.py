@@ -5,11 +5,13 @@ from __future__ import annotations
 import subprocess
 import time
 
+import pytest
 from helpers import REPO
 
 CLUSTER = REPO / "scripts" / "slurm" / "localhost_cluster.sh"
 
 
+@pytest.mark.slow
 def test_down_stops_live_daemons_and_forgets_dead_ones(tmp_path):
     # The state an interrupted test run leaves: one daemon still running, the last one listed already dead.
     live = subprocess.Popen(["sleep", "300"])

@@ -202,6 +202,7 @@ def _concurrent_builder(root: str, sync_dir: str, first: bool, n_others: int) ->
     np.testing.assert_array_equal(got[3][:, 0], -np.arange(N))
 
 
+@pytest.mark.slow
 def test_concurrent_processes_build_an_entry_once(tmp_path):
     # Every rank of a multi-GPU STRUCTURE job prepares its features at start: the first builds, the others wait
     # on the entry's lock and then read it (without the lock each of the 3 processes would encode the data).

@@ -233,6 +233,7 @@ def test_online_selection_scores_only_the_first_n_samples(tmp_path, shards, tiny
     )
 
 
+@pytest.mark.slow
 def test_open_clip_export_loads_and_encodes_the_same(tmp_path, shards, tiny_text_dir, monkeypatch):
 
     from alignkit.encoders.aligned import load_aligned
