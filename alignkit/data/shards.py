@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from alignkit.data.samples import to_rgb
@@ -242,7 +242,13 @@ def write_shards(
                     try:
                         data, ext, fields = _encode(image, keep_format, quality)
                     except (OSError, ValueError, Image.DecompressionBombError) as err:  # PIL's decode errors
-                        failed = ("failed_to_decode", f"{type(err).__name__}: {err}")
+                        # PIL names the in-memory buffer, not the file: say what it means instead
+                        why = (
+                            "not an image format PIL reads"
+                            if isinstance(err, UnidentifiedImageError)
+                            else err
+                        )
+                        failed = ("failed_to_decode", f"{type(err).__name__}: {why}")
                 if failed is None:
                     meta.update(fields)
                     sink.write({"__key__": key, ext: data, "txt": text, "json": json.dumps(meta).encode()})
