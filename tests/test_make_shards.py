@@ -198,13 +198,13 @@ def test_interrupted_run_leaves_no_partial_tar(tmp_path):
 
     _images(tmp_path / "img", 3)
 
-    def pairs():
-        for i in range(3):
-            yield tmp_path / "img" / f"{i}.jpg", f"c{i}"
-        raise KeyboardInterrupt  # a stop while the second shard is being written
+    class Interrupting(Image.Image):
+        def load(self):
+            raise KeyboardInterrupt  # Ctrl-C while the second shard is being written (one sample already in it)
 
+    pairs = [(tmp_path / "img" / f"{i}.jpg", f"c{i}") for i in range(3)] + [(Interrupting(), "x")]
     with pytest.raises(KeyboardInterrupt):
-        write_shards(pairs(), tmp_path / "s", samples_per_shard=2)
+        write_shards(pairs, tmp_path / "s", samples_per_shard=2)
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
         "00000.parquet",
         "00000.tar",
@@ -231,3 +231,27 @@ def test_write_tars_bytes_do_not_depend_on_the_temporary_name(tmp_path):
             sink.write(s)
     assert members(tmp_path / "a" / "00000.tar") == members(tmp_path / "b.tar")
     assert not list((tmp_path / "a").glob("*.partial"))
+
+
+def test_killed_run_leaves_no_partial_tar(tmp_path):
+    """SIGKILL while the second shard is being written (one sample already in it): the first shard is whole, the
+    second has no .tar at all (only its temporary .partial)."""
+    _images(tmp_path / "img", 3)
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+from pathlib import Path
+from PIL import Image
+from alignkit.data.shards import write_shards
+
+class Killer(Image.Image):
+    def load(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+pairs = [(Path({str(tmp_path / "img")!r}) / f"{{i}}.jpg", f"c{{i}}") for i in range(3)] + [(Killer(), "x")]
+write_shards(pairs, {str(tmp_path / "s")!r}, samples_per_shard=2)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == -9, res.stderr
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.tar*")) == ["00000.tar", "00001.tar.partial"]
+    assert len(list(wds.WebDataset(str(tmp_path / "s" / "00000.tar"), shardshuffle=False))) == 2
