@@ -1,6 +1,5 @@
 """Eval-set readers and builders: real offline data in CLIP_benchmark's layout, CSV layout, bad inputs."""
 
-import importlib.util
 import io
 import subprocess
 import sys
@@ -27,9 +26,9 @@ OPENCLIPART = Path("/usr/share/openclipart/png")
 
 
 def _builder():
-    spec = importlib.util.spec_from_file_location("build_evalsets", BUILDER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """The builder's code: ``alignkit build-evalsets`` (BUILDER, the checkout's script, is a wrapper of it)."""
+    import alignkit.tools.build_evalsets as module
+
     return module
 
 

@@ -1,4 +1,5 @@
-"""scripts/make_shards.py: CSV and COCO-captions JSON → shards + sizes.json that the training pipeline reads."""
+"""alignkit make-shards (scripts/make_shards.py): CSV and COCO-captions JSON → shards + sizes.json that the training
+pipeline reads; bad images counted, never fatal; per-shard parquet; no partial tar."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import webdataset as wds
 from helpers import REPO
 from PIL import Image
@@ -45,9 +47,11 @@ def test_coco_json_groups_captions_per_image(tmp_path):
         text=True,
     )
     assert res.returncode == 0, res.stderr
-    assert "1 image(s) missing" in res.stderr
+    assert "failed_to_download: 1" in res.stderr and "gone.jpg" in res.stderr
     sizes = json.loads((tmp_path / "shards" / "sizes.json").read_text())
     assert sizes == {"00000.tar": 2, "00001.tar": 2, "00002.tar": 1}
+    stats = json.loads((tmp_path / "shards" / "00002_stats.json").read_text())
+    assert (stats["count"], stats["successes"], stats["failed_to_download"]) == (2, 1, 1)
     samples = list(wds.WebDataset(str(tmp_path / "shards" / "{00000..00002}.tar"), shardshuffle=False))
     assert [s["txt"].decode().splitlines() for s in samples] == [
         [f"caption {i}.0", f"caption {i}.1"] for i in range(5)
@@ -137,8 +141,117 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, monkeypatch):
         == 0
     )
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        "00000.parquet",
         "00000.tar",
         "00000_stats.json",
         "sizes.json",
     ]
     assert json.loads((tmp_path / "s" / "sizes.json").read_text()) == {"00000.tar": 2}
+
+
+def test_corrupt_and_missing_images_are_counted_named_and_not_fatal(tmp_path, monkeypatch, caplog):
+    import pyarrow.parquet as pq
+
+    _images(tmp_path, 4)
+    (tmp_path / "2.jpg").write_bytes(b"not an image at all")  # UnidentifiedImageError in PIL
+    good = (tmp_path / "3.jpg").read_bytes()
+    (tmp_path / "3.jpg").write_bytes(good[: len(good) // 2])  # truncated: a valid header, a broken body
+    rows = "".join(f"{i}.jpg,c{i}\n" for i in range(4)) + "gone.jpg,c4\n"
+    (tmp_path / "pairs.csv").write_text("image,caption\n" + rows)
+    with caplog.at_level("WARNING"):
+        code, _ = _make(["--csv", "pairs.csv", "--out", "s", "--per-shard", "3"], tmp_path, monkeypatch)
+    assert code == 0
+    out = tmp_path / "s"
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 0}
+    s0, s1 = (json.loads((out / f"0000{i}_stats.json").read_text()) for i in (0, 1))
+    assert (s0["count"], s0["successes"], s0["failed_to_decode"], s0["failed_to_download"]) == (3, 2, 1, 0)
+    assert (s1["count"], s1["successes"], s1["failed_to_decode"], s1["failed_to_download"]) == (2, 0, 1, 1)
+    named = caplog.text
+    assert all(f"{name}" in named for name in ("2.jpg", "3.jpg", "gone.jpg"))
+    assert "failed_to_decode: 2" in named and "failed_to_download: 1" in named
+    keys = [s["__key__"] for s in wds.WebDataset(str(out / "{00000..00001}.tar"), shardshuffle=False)]
+    assert keys == ["000000000", "000000001"]
+    # the parquet: one row per input with the .json's fields, failures included
+    table = (
+        pq.read_table(out / "00000.parquet").to_pylist() + pq.read_table(out / "00001.parquet").to_pylist()
+    )
+    assert [r["status"] for r in table] == ["success"] * 2 + ["failed_to_decode"] * 2 + ["failed_to_download"]
+    assert [r["key"] for r in table] == ["000000000", "000000001", "000000002", "000010000", "000010001"]
+    assert table[4]["url"].endswith("gone.jpg") and "FileNotFoundError" in table[4]["error_message"]
+    sample = next(iter(wds.WebDataset(str(out / "00000.tar"), shardshuffle=False)))
+    assert json.loads(sample["json"]) == table[0]
+
+
+def test_failure_warnings_are_rate_limited(caplog):
+    from alignkit.data.shards import FailureLog
+
+    failures = FailureLog(first=3, every_s=3600)
+    with caplog.at_level("WARNING"):
+        for i in range(50):
+            failures.add("failed_to_decode", f"img{i}.jpg", "broken")
+    assert failures.counts == {"failed_to_decode": 50} and failures.first_source == "img0.jpg"
+    assert len(caplog.records) == 3
+
+
+def test_interrupted_run_leaves_no_partial_tar(tmp_path):
+    from alignkit.data.shards import write_shards
+
+    _images(tmp_path / "img", 3)
+
+    class Interrupting(Image.Image):
+        def load(self):
+            raise KeyboardInterrupt  # Ctrl-C while the second shard is being written (one sample already in it)
+
+    pairs = [(tmp_path / "img" / f"{i}.jpg", f"c{i}") for i in range(3)] + [(Interrupting(), "x")]
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(pairs, tmp_path / "s", samples_per_shard=2)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        "00000.parquet",
+        "00000.tar",
+        "00000_stats.json",
+    ]
+    assert len(list(wds.WebDataset(str(tmp_path / "s" / "00000.tar"), shardshuffle=False))) == 2
+
+
+def test_write_tars_bytes_do_not_depend_on_the_temporary_name(tmp_path):
+    """write_tars (the offline builders' writer) stores the same members as a plain TarWriter on the final path
+    (the member names and bytes; a tar's mtime fields differ from run to run anyway)."""
+    import tarfile
+
+    def members(path):
+        with tarfile.open(path) as tar:
+            return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+    from alignkit.data.shards import write_tars
+
+    samples = [{"__key__": f"k{i}", "txt": f"caption {i}".encode()} for i in range(3)]
+    write_tars(tmp_path / "a", samples, per_shard=2)
+    with wds.TarWriter(str(tmp_path / "b.tar")) as sink:
+        for s in samples[:2]:
+            sink.write(s)
+    assert members(tmp_path / "a" / "00000.tar") == members(tmp_path / "b.tar")
+    assert not list((tmp_path / "a").glob("*.partial"))
+
+
+def test_killed_run_leaves_no_partial_tar(tmp_path):
+    """SIGKILL while the second shard is being written (one sample already in it): the first shard is whole, the
+    second has no .tar at all (only its temporary .partial)."""
+    _images(tmp_path / "img", 3)
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+from pathlib import Path
+from PIL import Image
+from alignkit.data.shards import write_shards
+
+class Killer(Image.Image):
+    def load(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+pairs = [(Path({str(tmp_path / "img")!r}) / f"{{i}}.jpg", f"c{{i}}") for i in range(3)] + [(Killer(), "x")]
+write_shards(pairs, {str(tmp_path / "s")!r}, samples_per_shard=2)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == -9, res.stderr
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.tar*")) == ["00000.tar", "00001.tar.partial"]
+    assert len(list(wds.WebDataset(str(tmp_path / "s" / "00000.tar"), shardshuffle=False))) == 2

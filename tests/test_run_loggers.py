@@ -77,6 +77,13 @@ def test_two_step_smoke_one_checkpoint_and_hparams_in_loggers(tmp_path, monkeypa
         hp["optimizer.lr"] == pytest.approx(0.0025) and hp["loss._target_"] == "alignkit.losses.WeightedLoss"
     )
     assert "val/zs/shapes/top1" in metric_tags
+    # each val/* scalar once per step: the hparams record adds no second copy of the final points
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("val/zs/shapes/top1")]
+    assert steps and steps[-1] == 2 and len(steps) == len(set(steps)), steps
 
     # wandb: the run's own config and summary objects, read just before train() finishes the run
     assert seen["config"]["optimizer.lr"] == 0.0025 and seen["config"]["data.batch_size"] == 32

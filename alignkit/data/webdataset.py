@@ -42,7 +42,7 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} of {len(urls)} shard(s) not found, e.g. {missing[0]!r}. Check data.train_shards "
-            f"(brace ranges like {{00000..00009}} are expanded) or build shards with scripts/make_shards.py"
+            f"(brace ranges like {{00000..00009}} are expanded) or build shards with `alignkit make-shards`"
         )
     return urls
 
@@ -79,7 +79,7 @@ def count_samples(urls: list[str], num_samples: int | None = None) -> int:
         )
     raise ValueError(
         f"cannot tell how many samples {urls[0]}... hold: no sizes.json or img2dataset *_stats.json next to the "
-        f"shards. Set data.num_samples=N (the total number of pairs) or write sizes.json with scripts/make_shards.py"
+        f"shards. Set data.num_samples=N (the total number of pairs) or write sizes.json with `alignkit make-shards`"
     )
 
 

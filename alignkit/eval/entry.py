@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from alignkit.core.config_tree import print_config_tree
 from alignkit.core.configs import CONFIG_DIR  # one config tree for train.py and eval.py
 from alignkit.encoders.openclip import WeightsUnavailableError, create_open_clip, register_shipped_configs
 from alignkit.eval.recorder import EvalRecorder
@@ -177,12 +178,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         out, {"model": loaded.description}, panels={loaded.description: recorder.last[1]}
     )
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("%s", metrics_table(metrics, f"{loaded.description} (step {loaded.step})"))
     log.info("wrote %s and %s", out / METRICS_FILE, report)
     return {"output_dir": str(out), "step": loaded.step, "metrics": metrics}
 
 
+def metrics_table(metrics: dict[str, float], title: str) -> str:
+    """The metrics written to metrics.json as an aligned two-column table, for the console."""
+    width = max((len(k) for k in metrics), default=6)
+    rows = [f"{k:<{width}}  {float(v):.4f}" for k, v in sorted(metrics.items())]
+    return "\n".join([title, f"{'metric':<{width}}  value", "-" * (width + 10), *rows])
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
+    print_config_tree(cfg)
     evaluate(cfg)
 
 

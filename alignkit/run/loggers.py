@@ -83,9 +83,25 @@ def log_final_metrics(
     for lg in loggers:
         if isinstance(lg, WandbLogger) and final:
             lg.experiment.summary.update(final)
-        elif isinstance(lg, TensorBoardLogger):
-            # logged at the final step, where these values already are: the curves get no extra point
-            lg.log_hyperparams(dict(hparams), metrics=final or None, step=step)
+        elif isinstance(lg, TensorBoardLogger) and final:
+            _tensorboard_hparams_record(lg, hparams, final, step)
+
+
+def _tensorboard_hparams_record(
+    lg: Any, hparams: Mapping[str, Any], final: Mapping[str, float], step: int
+) -> None:
+    """The hparams-plugin record alone. ``TensorBoardLogger.log_hyperparams(params, metrics)`` also logs
+    ``metrics`` as scalars, which the evaluation callback has already logged at this step: every final ``val/*``
+    point would show twice. TensorBoard's hparams view reads the metric values from those scalars by tag, so the
+    record needs only the names (torch.utils.tensorboard's ``hparams`` summary, as Lightning itself writes it)."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    plain = {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in hparams.items()}
+    writer = (
+        lg.experiment._get_file_writer()
+    )  # SummaryWriter's only way to add a raw summary (Lightning does too)
+    for summary in hparams_summary(plain, dict(final)):
+        writer.add_summary(summary, step)
 
 
 def logger_locations(loggers: Sequence[Any]) -> dict[str, str]:

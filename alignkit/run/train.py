@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from alignkit.callbacks.nonfinite import NonFiniteError
+from alignkit.core.config_tree import print_config_tree
 from alignkit.core.configs import CONFIG_DIR
 from alignkit.eval.report import METRICS_FILE, REPORT_FILE, load_history
 from alignkit.run.build import ExportsItself, build_run
@@ -159,6 +160,7 @@ def objective(cfg: DictConfig, summary: dict[str, Any]) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    print_config_tree(cfg)
     summary = train(cfg)
     code = exit_code(summary)
     if code:

@@ -150,7 +150,7 @@ def run_recipe(
         raise ValueError(f"unknown recipe {name!r}; one of {sorted(RECIPES)}")
     recipe, out = RECIPES[name], Path(out)
     if not dry_run and not coco_shards:
-        raise ValueError(f"{name} needs --coco-shards DIR (COCO caption shards from scripts/make_shards.py)")
+        raise ValueError(f"{name} needs --coco-shards DIR (COCO caption shards from `alignkit make-shards`)")
     nodes = _evalsets(recipe, evalsets_dir, dry_run)
     common = [*QUIET, "callbacks.evaluation.every_n_steps=0", "callbacks.evaluation.at_start=true"]
     if dry_run:
