@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignkit.data.batch_plan import BatchPlan
+from alignkit.modules.compile import compile_towers
 from alignkit.modules.scalar_params import (
     demote_in_state_dict,
     promote_in_state_dict,
@@ -62,13 +63,21 @@ class TrainingModule(L.LightningModule):
     # State-dict keys of 0-dim parameters viewed as [1] for FSDP (alignkit.modules.scalar_params)
     _promoted_scalars: tuple[str, ...] = ()
 
+    # torch.compile keyword arguments for the towers (alignkit.modules.compile); None: eager
+    compile_options: dict[str, Any] | None = None
+
     def configure_model(self) -> None:
-        """Under FSDP, view the 0-dim parameters (``logit_scale``, ``logit_bias``, the teacher's) as ``[1]`` before
+        """Compile the towers (student's and teacher's) when ``module.compile.enabled``. Under FSDP, view the 0-dim parameters (``logit_scale``, ``logit_bias``, the teacher's) as ``[1]`` before
         the strategy wraps the module: FSDP refuses scalar parameters. Checkpoints keep them 0-dim."""
         from lightning.pytorch.strategies import FSDPStrategy
 
         if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             self.promote_scalar_params()
+        if self.compile_options is not None and not getattr(self, "_towers_compiled", False):
+            for m in (self.model, getattr(self, "teacher", None)):
+                if m is not None:
+                    compile_towers(m, self.compile_options)
+            self._towers_compiled = True
 
     def promote_scalar_params(self) -> None:
         """View the 0-dim parameters as ``[1]``; a state dict loaded later (a resume, through FSDP's wrapper or not)
