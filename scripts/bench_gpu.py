@@ -58,6 +58,7 @@ def overrides(args, loss: str) -> list[str]:
         f"trainer.precision={args.precision}",
         "trainer.log_every_n_steps=50",
         "callbacks.progress.refresh_rate=50",
+        *(["module.compile.enabled=true"] if args.compile else []),
     ]
 
 
@@ -169,7 +170,11 @@ def main() -> None:
     p.add_argument(
         "--bare", action=argparse.BooleanOptionalAction, default=True, help="the bare-loop reference"
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the bare loop's tower forward")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the towers (bare loop and alignkit's module.compile)",
+    )
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--precision", default="bf16-mixed")
