@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup data test test-fast lint format smoke demo reproduce clean slurm-up slurm-down gpu-check
+.PHONY: setup data test test-fast lint format smoke demo reproduce clean slurm-up slurm-down gpu-check gpu-wheels
 
 setup: ## virtualenv with pinned torch 2.14.1 / torchvision 0.29.1 and every test/lint/offline-asset extra
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,9 @@ slurm-up: ## a real single-node SLURM on localhost (root, Debian 12; tests/test_
 
 slurm-down:
 	bash scripts/slurm/localhost_cluster.sh down
+
+gpu-wheels: ## wheels beyond torch/lightning/timm/transformers for an offline GPU node, into .whl/ (GPU_PYVER=3.12)
+	PYTHON=$(BIN)/python bash scripts/gpu_wheels.sh
 
 gpu-check: ## bf16 / DDP / FSDP / cache-and-recompute on the GPUs present (< 5 min)
 	PYTHON=$(BIN)/python bash scripts/gpu_check.sh

@@ -3,6 +3,8 @@
     python scripts/bench_gpu.py                       # on a GPU machine (random init: no weights offline)
     python scripts/bench_gpu.py --tiny --device cpu   # dry run of the same code path on CPU
 
+0. a hand-written bf16 loop (``bench_bare.py``: same model, same loss object, fused AdamW, optionally compiled)
+   at each ``--batches`` size, then alignkit on the same batches: the ratio alignkit / bare is printed;
 1. alignkit CLIP-Refine and plain contrastive through the Lightning Trainer built as ``train.py`` builds it
    (``trainer.precision=bf16-mixed``), on device-resident synthetic batches (no data loading): samples/s;
 2. FLOPs of one optimizer step counted with ``torch.utils.flop_counter.FlopCounterMode`` (student forward +
@@ -56,13 +58,16 @@ def overrides(args, loss: str) -> list[str]:
         f"trainer.precision={args.precision}",
         "trainer.log_every_n_steps=50",
         "callbacks.progress.refresh_rate=50",
+        *(["module.compile.enabled=true"] if args.compile else []),
     ]
 
 
 def device_batches(args, n: int, device: torch.device, image_size: int, ctx: int) -> list[dict]:
+    """``n`` batches cycling over ``args.distinct`` resident ones: 40 distinct ViT-B-32 batches of 256 held 6 GiB
+    of images on the device, which ``max_memory_allocated`` charged to alignkit (BENCHMARKS.md)."""
     g = torch.Generator().manual_seed(0)
     out = []
-    for b in range(n):
+    for b in range(min(n, args.distinct)):
         out.append(
             {
                 "image": torch.randn(args.batch, 3, image_size, image_size, generator=g).to(device),
@@ -72,7 +77,7 @@ def device_batches(args, n: int, device: torch.device, image_size: int, ctx: int
                 "worker": torch.zeros(args.batch, dtype=torch.long),
             }
         )
-    return out
+    return [out[i % len(out)] for i in range(n)]
 
 
 class Clock(bc.StepTimesToFile):
@@ -107,10 +112,6 @@ def step_flops(module, batch, device) -> float:
 
 def measure_alignkit(args, loss: str, device: torch.device) -> dict:
     cfg = bc.compose(overrides(args, loss))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        bc.reset_peak_rss()
     clock = Clock(device)
     torch.manual_seed(0)
     run = bc.build(cfg, args.steps, [clock])
@@ -120,7 +121,21 @@ def measure_alignkit(args, loss: str, device: torch.device) -> dict:
     ctx = encoder.module.context_length
     batches = device_batches(args, args.steps, device, size, ctx)
     module.trainer_precision = args.precision
+    bare = None
+    if args.bare:
+        import bench_bare
+
+        bare = bench_bare.measure_bare(
+            cfg, batches, args.steps - args.warmup, args.warmup, device, args.compile
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     flops = step_flops(module, batches[0], device)
+    # after the FLOP count: its step (and the bare loop) must not count as alignkit's peak
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        bc.reset_peak_rss()
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=0)
     trainer.fit(module, train_dataloaders=loader)
     steps = [b - a for a, b in itertools.pairwise(clock.ends)][args.warmup :]
@@ -128,7 +143,21 @@ def measure_alignkit(args, loss: str, device: torch.device) -> dict:
     mem = (
         torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else bc.peak_rss_mb() / 1024
     )
-    return {"step_s": step_s, "samples_s": args.batch / step_s, "flops": flops, "mem_gib": mem}
+    return {"step_s": step_s, "samples_s": args.batch / step_s, "flops": flops, "mem_gib": mem, "bare": bare}
+
+
+def report(args, loss: str, r: dict, peak: float | None) -> None:
+    mfu = lambda s: f", MFU {r['flops'] / s / (peak * 1e12):.1%}" if peak else ""  # noqa: E731
+    b = r["bare"]
+    if b is not None:
+        print(f"   bare     {loss:12s} batch {args.batch}: {b['samples_s']:.1f} samples/s{mfu(b['step_s'])}, "
+              f"peak mem {b['mem_gib']:.2f} GiB" + (" (compiled)" if args.compile else ""))  # fmt: skip
+    print(f"   alignkit {loss:12s} batch {args.batch}: {r['samples_s']:.1f} samples/s, {r['flops'] / 1e9:.2f} "
+          f"GFLOP/step, {r['flops'] / r['step_s'] / 1e12:.2f} TFLOP/s{mfu(r['step_s'])}, "
+          f"peak mem {r['mem_gib']:.2f} GiB", flush=True)  # fmt: skip
+    if b is not None:
+        print(f"   ratio alignkit / bare {loss} batch {args.batch}: {r['samples_s'] / b['samples_s']:.3f}x "
+              f"samples/s, {r['mem_gib'] / b['mem_gib']:.3f}x peak memory", flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -136,7 +165,16 @@ def main() -> None:
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--tiny", action="store_true", help="alignkit-tiny-vit (CPU dry run)")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batches", default="256,1024", help="per-device batch sizes, comma-separated")
+    p.add_argument("--distinct", type=int, default=2, help="distinct device-resident batches cycled over")
+    p.add_argument(
+        "--bare", action=argparse.BooleanOptionalAction, default=True, help="the bare-loop reference"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the towers (bare loop and alignkit's module.compile)",
+    )
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--precision", default="bf16-mixed")
@@ -151,15 +189,16 @@ def main() -> None:
     bc.header("GPU benchmark: CLIP-Refine at bf16")
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
     peak = peak_tflops(device, args.peak_tflops)
-    print(f"   card: {card}; model {args.model}; per-device batch {args.batch}; precision {args.precision}")
-    res = {}
-    for loss in ("contrastive", "clip_refine"):
-        r = res[loss] = measure_alignkit(args, loss, device)
-        mfu = f", MFU {r['flops'] / r['step_s'] / (peak * 1e12):.1%} of {peak:g} TFLOP/s" if peak else ""
-        print(f"   alignkit {loss:12s}: {r['samples_s']:.1f} samples/s, {r['flops'] / 1e9:.2f} GFLOP/step, "
-              f"{r['flops'] / r['step_s'] / 1e12:.2f} TFLOP/s{mfu}, peak mem {r['mem_gib']:.2f} GiB", flush=True)  # fmt: skip
-    print(f"   teacher cost (CLIP-Refine / contrastive step time): "
-          f"{res['clip_refine']['step_s'] / res['contrastive']['step_s']:.3f}x")  # fmt: skip
+    sizes = [int(b) for b in args.batches.split(",")]
+    print(f"   card: {card}; model {args.model}; per-device batches {sizes}; precision {args.precision}")
+    for args.batch in sizes:
+        res = {}
+        for loss in ("contrastive", "clip_refine"):
+            r = res[loss] = measure_alignkit(args, loss, device)
+            report(args, loss, r, peak)
+        print(f"   teacher cost (CLIP-Refine / contrastive step time): "
+              f"{res['clip_refine']['step_s'] / res['contrastive']['step_s']:.3f}x")  # fmt: skip
+    args.batch = sizes[0]
     if args.peer:
         import bench_peer as bp
 

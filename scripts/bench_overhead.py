@@ -134,6 +134,7 @@ class BareLoop:
             ],
             lr=args.lr,
             weight_decay=0.1,
+            foreach=True,  # what alignkit's optimizer.impl=auto picks on CPU: the same kernel on both sides
         )
 
     def step(self, b: dict, step: int) -> None:

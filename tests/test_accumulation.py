@@ -93,6 +93,7 @@ def test_cache_recompute_option_trains_like_the_full_batch(tmp_path):
         "optimizer.lr=0.1",
         "~optimizer.betas",
         "~optimizer.eps",
+        "~optimizer.impl",
     ]
     train(compose_train(base, tmp_path / "full"))
     train(

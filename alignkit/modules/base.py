@@ -12,6 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignkit.data.batch_plan import BatchPlan
+from alignkit.modules.compile import compile_towers
+from alignkit.modules.scalar_params import (
+    demote_in_state_dict,
+    promote_in_state_dict,
+    promote_scalar_params,
+)
 from alignkit.modules.schedulers import LRSchedule
 from alignkit.run.checkpointing import AlignkitSpec
 
@@ -54,8 +60,39 @@ class TrainingModule(L.LightningModule):
         # A frozen teacher exists only in CLIP-Refine modules (never stored; rebuilt from the starting weights).
         return AlignkitSpec(self.workflow, self.model_spec(), getattr(self, "teacher", None) is not None)
 
+    # State-dict keys of 0-dim parameters viewed as [1] for FSDP (alignkit.modules.scalar_params)
+    _promoted_scalars: tuple[str, ...] = ()
+
+    # torch.compile keyword arguments for the towers (alignkit.modules.compile); None: eager
+    compile_options: dict[str, Any] | None = None
+
+    def configure_model(self) -> None:
+        """Compile the towers (student's and teacher's) when ``module.compile.enabled``. Under FSDP, view the 0-dim parameters (``logit_scale``, ``logit_bias``, the teacher's) as ``[1]`` before
+        the strategy wraps the module: FSDP refuses scalar parameters. Checkpoints keep them 0-dim."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            self.promote_scalar_params()
+        if self.compile_options is not None and not getattr(self, "_towers_compiled", False):
+            for m in (self.model, getattr(self, "teacher", None)):
+                if m is not None:
+                    compile_towers(m, self.compile_options)
+            self._towers_compiled = True
+
+    def promote_scalar_params(self) -> None:
+        """View the 0-dim parameters as ``[1]``; a state dict loaded later (a resume, through FSDP's wrapper or not)
+        has its 0-dim entries viewed as ``[1]`` by a load pre-hook."""
+        first = not self._promoted_scalars
+        self._promoted_scalars = tuple(promote_scalar_params(self))
+        if first and self._promoted_scalars:
+            self.register_load_state_dict_pre_hook(self._promote_loaded_scalars)
+
+    def _promote_loaded_scalars(self, module, state_dict, prefix, *args) -> None:
+        promote_in_state_dict(state_dict, [prefix + k for k in self._promoted_scalars])
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         sd = checkpoint["state_dict"]
+        demote_in_state_dict(sd, self._promoted_scalars)
         for k in [k for k in sd if k.startswith(self.non_checkpointed_prefixes)]:
             del sd[k]
         checkpoint["alignkit"] = self.checkpoint_spec().section()
@@ -123,7 +160,7 @@ class TrainingModule(L.LightningModule):
             out["image_features"].detach(), out["text_features"].detach()
         )
         if "logit_scale" in out:
-            scalars["train/logit_scale"] = out["logit_scale"].detach().float()
+            scalars["train/logit_scale"] = out["logit_scale"].detach().float().reshape(())
         # The run's plan (set by build_run) when there is one; else the batch in hand, scaled the same way.
         plan = self.batch_plan or BatchPlan(
             batch_size, self.trainer.world_size, self.trainer.accumulate_grad_batches

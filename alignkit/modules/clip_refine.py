@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from torch import nn
 
 from alignkit.encoders.openclip import OpenCLIPEncoder
 from alignkit.modules.base import TrainingModule
+from alignkit.modules.compile import compile_options
 from alignkit.modules.schedulers import LRSchedule
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class AlignModule(TrainingModule):
             parameters are still trained. ``False`` (default) is the released behaviour (train-mode BatchNorm). A
             CNN tower with BatchNorm (e.g. timm's EfficientNet) otherwise re-estimates its statistics from a few small
             refinement batches, which alone can wreck zero-shot accuracy; ViTs have no BatchNorm and are unaffected.
+        compile: ``{enabled, backend, mode, fullgraph, dynamic}``: ``torch.compile`` the student's and teacher's
+            towers in place when the Trainer configures the model (alignkit/modules/compile.py); off by default.
 
     The teacher is deep-copied at construction, i.e. from the *starting* weights, before any checkpoint is
     restored, and its weights are never written to checkpoints: a resumed run therefore distils from the original
@@ -62,8 +65,10 @@ class AlignModule(TrainingModule):
         accumulation: str = "none",
         micro_batch_size: int | None = None,
         freeze_norm_stats: bool = False,
+        compile: Mapping[str, Any] | bool | None = None,
     ) -> None:
         super().__init__()
+        self.compile_options = compile_options(compile)
         if accumulation not in ("none", "cache_recompute"):
             raise ValueError(f"module.accumulation={accumulation!r} is not one of none, cache_recompute")
         if accumulation == "cache_recompute" and not micro_batch_size:
