@@ -57,9 +57,9 @@ def _write_wds(root: Path, samples: list[dict], classnames=("a", "b", "c"), temp
 
 
 def test_build_and_read_digits(tmp_path):
-    _build("digits", "--out", str(tmp_path), "--limit", "30", "--shard-size", "12")
+    _build("digits", "--out", str(tmp_path), "--limit", "30", "--shard-size", "6")
     root = tmp_path / "digits"
-    assert (root / "test" / "nshards.txt").read_text().strip() == "3"  # 12 + 12 + 6
+    assert (root / "test" / "nshards.txt").read_text().strip() == "5"  # 5 x 6
     s = load_eval_set(root)
     assert isinstance(s, ClassificationSet)
     assert len(s.images) == len(s.labels) == 30
@@ -248,3 +248,36 @@ def test_csv_missing_image_and_bad_label(tmp_path):
     (tmp_path / "d.csv").write_text("path,label\nx.png,0\n")
     with pytest.raises(EvalSetError, match="header must be"):
         load_csv_eval_set(tmp_path / "d.csv")
+
+
+def test_write_eval_shards_gives_every_default_worker_a_shard_in_order(tmp_path):
+    from alignkit.data.evalsets import write_eval_shards
+
+    rows = [{"__key__": f"{i:03d}", "png": _png((i, 0, 0)), "cls": str(i % 3)} for i in range(10)]
+    assert write_eval_shards(tmp_path / "a" / "test", rows, shard_size=1000) == 10
+    names = sorted(p.name for p in (tmp_path / "a" / "test").iterdir())
+    assert names == [
+        "0.tar",
+        "1.tar",
+        "2.tar",
+        "3.tar",
+        "nshards.txt",
+    ]  # CLIP_benchmark's {0..n-1}.tar naming
+    assert (tmp_path / "a" / "test" / "nshards.txt").read_text() == "4\n"
+    sizes = []
+    for i in range(4):
+        with tarfile.open(tmp_path / "a" / "test" / f"{i}.tar") as tar:
+            sizes.append(len(tar.getnames()) // 2)
+    assert sorted(sizes) == [2, 2, 3, 3]  # 10 samples spread evenly over 4 shards
+    (tmp_path / "a" / "classnames.txt").write_text("x\ny\nz\n")
+    (tmp_path / "a" / "zeroshot_classification_templates.txt").write_text("a {c}\n")
+    ds = load_wds_eval_set(tmp_path / "a")
+    assert ds.labels == [i % 3 for i in range(10)]  # the order survives the split
+    assert [ds.images[i].getpixel((0, 0))[0] for i in range(10)] == list(range(10))
+    # larger sets: shards of at most shard_size; fewer samples than workers: one shard each
+    assert write_eval_shards(tmp_path / "b", rows, shard_size=2) == 10
+    assert (tmp_path / "b" / "nshards.txt").read_text() == "5\n"
+    write_eval_shards(tmp_path / "c", rows[:2])
+    assert (tmp_path / "c" / "nshards.txt").read_text() == "2\n"
+    with pytest.raises(EvalSetError, match="no samples to write"):
+        write_eval_shards(tmp_path / "d", [])

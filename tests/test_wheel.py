@@ -108,8 +108,9 @@ def test_wheel_tools_make_shards_and_one_shard_eval_set(pipeline: Pipeline):
     assert sum(sizes.values()) == 48 and len(sizes) == 4  # 49 rows, one undecodable image counted, not fatal
     assert sorted(p.name for p in pipeline.shards.glob("*.parquet")) == [f"0000{i}.parquet" for i in range(4)]
     fashion = pipeline.evalsets / "evalsets" / "fashion_mnist"
-    assert (fashion / "test" / "nshards.txt").read_text() == "1\n"
-    assert sorted(p.name for p in (fashion / "test").glob("*.tar")) == ["0.tar"]
+    # one shard's worth of images, written as 4 shards: one for each of CLIP_benchmark's default workers
+    assert (fashion / "test" / "nshards.txt").read_text() == "4\n"
+    assert sorted(p.name for p in (fashion / "test").glob("*.tar")) == ["0.tar", "1.tar", "2.tar", "3.tar"]
 
 
 def test_wheel_trains_on_its_shards_exports_and_evaluates(wheel: Wheel, pipeline: Pipeline):

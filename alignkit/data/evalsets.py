@@ -10,7 +10,7 @@ import csv
 import io
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,7 @@ __all__ = [
     "load_eval_set",
     "load_wds_eval_set",
     "to_rgb",
+    "write_eval_shards",
 ]
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 CLASSNAMES = "classnames.txt"
 TEMPLATES = "zeroshot_classification_templates.txt"
+# CLIP_benchmark's ``--num_workers`` default. Its wds reader (clip_benchmark/datasets/builder.py,
+# ``build_wds_dataset``) gives each DataLoader worker whole shards, and webdataset stops a worker that gets none
+# with "No samples found": a set needs at least this many shards to run under the default command.
+MIN_SHARDS = 4
 
 
 class EvalSetError(ValueError):
@@ -119,6 +124,32 @@ def _check_labels(labels: list[int], classnames: list[str], labels_file: Path, n
             f"{labels_file}: labels {bad[:10]} are out of range for the {len(classnames)} class names in "
             f"{names_file}. Labels must be 0-based indices into that file; fix the labels or the class list."
         )
+
+
+def write_eval_shards(
+    split_dir: str | Path, samples: Iterable[dict], shard_size: int = 1000, min_shards: int = MIN_SHARDS
+) -> int:
+    """Write eval samples as CLIP_benchmark reads them: ``split_dir/{0..n-1}.tar`` plus ``nshards.txt``.
+
+    ``n`` is enough shards of at most ``shard_size`` samples and never fewer than ``min_shards`` (when there are
+    that many samples), so every one of CLIP_benchmark's default workers gets a shard; samples keep their order
+    across shards. Returns the number of samples written; raises ``EvalSetError`` when there are none.
+    """
+    out = Path(split_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = list(samples)
+    if not rows:
+        raise EvalSetError(f"{out}: no samples to write; check the source data and --limit.")
+    n = min(len(rows), max(min_shards, -(-len(rows) // shard_size)))
+    bounds = [round(i * len(rows) / n) for i in range(n + 1)]
+    for i in range(n):
+        tmp = out / f"{i}.tar.tmp"
+        with wds.TarWriter(str(tmp)) as sink:
+            for row in rows[bounds[i] : bounds[i + 1]]:
+                sink.write(row)
+        tmp.replace(out / f"{i}.tar")
+    (out / "nshards.txt").write_text(f"{n}\n")
+    return len(rows)
 
 
 def _shard_sort_key(p: Path) -> tuple:

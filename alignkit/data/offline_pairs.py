@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from alignkit.data.evalsets import write_eval_shards
 from alignkit.data.samples import to_rgb
 from alignkit.data.shards import write_tars
 
@@ -69,7 +70,7 @@ TRAIN_TEMPLATES = [
     "a {c} on a dark background.",
     "a product photo of a {c}.",
 ]
-VERSION = 1
+VERSION = 2  # 2: eval/val sets in CLIP_benchmark's shard naming with nshards.txt
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -277,7 +278,7 @@ def _build(out: Path, p: dict, fdir: Path, cdir: Path) -> None:
 
 def write_classification(ev: Path, rows: Iterable[tuple[str, np.ndarray, int]]) -> None:
     """A Fashion-MNIST zero-shot eval set (CLIP_benchmark layout) from (key, grey pixels, label) rows."""
-    write_tars(
+    write_eval_shards(
         ev / "test",
         ({"__key__": key, "png": png_bytes(Image.fromarray(x, "L")), "cls": str(y)} for key, x, y in rows),
     )
@@ -289,7 +290,7 @@ def write_classification(ev: Path, rows: Iterable[tuple[str, np.ndarray, int]]) 
 def write_retrieval(ev: Path, rows: list[tuple[str, bytes, list[str]]]) -> None:
     """A clip-art retrieval eval set (CLIP_benchmark layout) from (relative path, PNG bytes, captions) rows;
     ``members.txt`` lists the source files."""
-    write_tars(
+    write_eval_shards(
         ev / "test",
         ({"__key__": f"{j:05d}", "png": d, "txt": "\n".join(c)} for j, (_, d, c) in enumerate(rows)),
     )

@@ -197,7 +197,7 @@ def open_clip_blocker(model: AlignedDualEncoder) -> str | None:
     if not (isinstance(model.image_head, LinearHead) and isinstance(model.text_head, LinearHead)):
         return "a head is not linear"
     if model.text_head.proj.bias is not None:
-        return "the text head has a bias (open_clip's Hugging Face projection has none; set module.text_head.bias=false)"
+        return "the text head has a bias (open_clip's Hugging Face projection has none; train with ++module.text_head.bias=false)"
     if model.image_head.proj.out_features != model.text_head.proj.out_features:
         return "the heads have different output sizes"
     if t.vision_spec.get("kind") not in ("timm", "effnet_lite0_offline"):
@@ -280,7 +280,7 @@ def export_open_clip(model: AlignedDualEncoder, out_dir: str | Path, card: str |
     hub id (:func:`alignkit.encoders.hub_cache.ensure_in_hub_cache`), which is how open_clip finds its config.
     """
     from alignkit.encoders.hub_cache import ensure_in_hub_cache, text_tower_hub_id
-    from alignkit.run.hub import model_card, write_open_clip_dir
+    from alignkit.run.hub import write_open_clip_dir
 
     cfg, pre, sd = open_clip_config(model)
     crop = float(model.towers.data_cfg.get("crop_pct") or 1.0)
@@ -295,12 +295,9 @@ def export_open_clip(model: AlignedDualEncoder, out_dir: str | Path, card: str |
     t = model.towers
     hub_id, source = text_tower_hub_id(t.text_spec)
     if card is None:
-        card = model_card(
-            "STRUCTURE-aligned frozen encoders (open_clip CustomTextCLIP)",
-            base_model=f"vision {t.vision_spec}, text {hub_id} (both frozen; linear heads trained)",
-            data="see the run's config.yaml",
-            recipe={"temperature": model.temperature, "embed_dim": cfg["embed_dim"]},
-        )
+        from alignkit.run.export import structure_card
+
+        card = structure_card(model.spec(), None, None)
     out = write_open_clip_dir(out_dir, sd, cfg, pre, card)
     before = set(os.listdir(out))
     t.text.model.config.save_pretrained(out)  # config.json: what open_clip's AutoConfig needs

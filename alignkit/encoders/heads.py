@@ -25,7 +25,7 @@ class LinearHead(nn.Module):
 class MLPHead(nn.Module):
     """``num_layers`` linear layers with activation (and dropout) between them.
 
-    With ``residual=True`` the output is ``skip(x) + mlp(x)`` with a bias-free linear skip. Unlike the released
+    ``bias``: whether the linear layers have a bias (the skip never has one). With ``residual=True`` the output is ``skip(x) + mlp(x)`` with a bias-free linear skip. Unlike the released
     STRUCTURE ``ResLowRankHead`` (whose sigmoid gate starts at σ(−∞)=0 and so never opens), the non-linear branch
     here is ordinarily initialised and ungated, so it receives gradient from the first step.
     """
@@ -39,6 +39,7 @@ class MLPHead(nn.Module):
         activation: Literal["gelu", "relu", "silu"] = "gelu",
         dropout: float = 0.0,
         residual: bool = False,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if num_layers < 2:
@@ -49,7 +50,7 @@ class MLPHead(nn.Module):
         dims = [in_dim] + [hidden] * (num_layers - 1) + [out_dim]
         layers: list[nn.Module] = []
         for i in range(num_layers):
-            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            layers.append(nn.Linear(dims[i], dims[i + 1], bias=bias))
             if i < num_layers - 1:
                 layers += [_ACTIVATIONS[activation](), nn.Dropout(dropout)]
         self.mlp = nn.Sequential(*layers)

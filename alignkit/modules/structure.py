@@ -133,12 +133,12 @@ class StructureModule(TrainingModule):
     ) -> dict[str, str]:
         """alignkit format in ``run_dir/model`` and, when possible, an open_clip hub-layout directory in
         ``run_dir/open_clip`` (its model card from ``run_cfg`` and the evaluation ``history``)."""
-        from alignkit.run.hub import run_card
+        from alignkit.run.export import structure_card
 
         out = {"alignkit": str(save_aligned(self.model, Path(run_dir) / "model"))}
-        t = self.model.towers
-        base = f"frozen vision tower {t.vision_spec}, frozen text tower {t.text_spec}; heads trained"
-        card = run_card("STRUCTURE-aligned frozen encoders", base, run_cfg, history)
+        trainer = getattr(self, "_trainer", None)
+        steps = trainer.global_step if trainer is not None else None
+        card = structure_card(self.model.spec(), run_cfg, history, steps)
         try:
             out["open_clip"] = str(export_open_clip(self.model, Path(run_dir) / "open_clip", card=card))
         except ValueError as err:

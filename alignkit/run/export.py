@@ -27,6 +27,7 @@ __all__ = [
     "extract_state_dict",
     "find_architecture",
     "main",
+    "structure_card",
     "write_state_dict",
 ]
 
@@ -199,7 +200,7 @@ def _write_dir(
 
         heads = extract_state_dict(ckpt, prefix)
         model, _, _ = aligned_from_spec(saved.model, heads, source="checkpoint")
-        card = run_card("STRUCTURE-aligned frozen encoders", _towers_text(saved.model), run_cfg, history)
+        card = structure_card(saved.model, run_cfg, history, ckpt.get("global_step"))
         return export_open_clip(model, out_dir, card=card)
     spec = _student_spec(ckpt)
     if spec.get("kind", "open_clip") != "open_clip" or "model" not in spec:
@@ -210,7 +211,9 @@ def _write_dir(
     model_cfg = open_clip_model_cfg(spec)
     state = extract_state_dict(ckpt, prefix)
     base = f"{spec['model']} (pretrained={spec.get('pretrained')})"
-    card = run_card(f"{spec['model']} refined with alignkit", base, run_cfg, history)
+    card = run_card(
+        f"{spec['model']} refined with alignkit", base, run_cfg, history, steps=ckpt.get("global_step")
+    )
     out = write_open_clip_dir(
         out_dir, state, model_cfg, preprocess_cfg_of(spec.get("preprocess") or {}), card
     )
@@ -218,9 +221,34 @@ def _write_dir(
     return out
 
 
-def _towers_text(section: Mapping[str, Any]) -> str:
-    t = section.get("towers") or {}
-    return f"frozen vision tower {t.get('vision')}, frozen text tower {t.get('text')}; linear heads trained"
+def _vision_name(v: Mapping[str, Any]) -> str:
+    return (
+        "tf_efficientnet_lite0"
+        if v.get("kind") == "effnet_lite0_offline"
+        else str(v.get("model", v.get("kind")))
+    )
+
+
+def structure_card(
+    spec: Mapping[str, Any],
+    run_cfg: Mapping[str, Any] | None,
+    history: Mapping[Any, Mapping[str, float]] | None,
+    steps: int | None = None,
+) -> str:
+    """The model card of a STRUCTURE export (``spec``: ``AlignedDualEncoder.spec()``, as a checkpoint records it);
+    the one card text for exports at the end of training and from a checkpoint."""
+    from alignkit.encoders.hub_cache import text_tower_hub_id
+    from alignkit.run.hub import run_card
+
+    towers = spec.get("towers") or {}
+    vision, text = towers.get("vision") or {}, towers.get("text") or {}
+    text_id, _ = text_tower_hub_id(text)
+    vision_name = _vision_name(vision)
+    ids = [f"timm/{vision_name}" if "/" not in vision_name else vision_name, text_id]
+    base = f"vision tower {vision_name} (timm), text tower {text_id} (Hugging Face); both frozen, linear heads trained"
+    return run_card(
+        "STRUCTURE-aligned frozen encoders", base, run_cfg, history, steps=steps, base_model_ids=ids
+    )
 
 
 def export_module(
@@ -238,6 +266,9 @@ def export_module(
     ``history`` of evaluations) or, with a ``.safetensors``/``.pt`` suffix, a plain state dict file.
     """
     ckpt: dict[str, Any] = {"state_dict": module.state_dict()}
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None:
+        ckpt["global_step"] = trainer.global_step
     hook = getattr(module, "on_save_checkpoint", None)
     if callable(hook):
         hook(ckpt)

@@ -127,6 +127,16 @@ def _metrics_table(history: Mapping[Any, Mapping[str, float]] | None) -> list[st
     return lines
 
 
+# The command a card prints, as README.md prints it (tests/test_clip_benchmark_cli.py runs both as printed):
+# --no_amp keeps CLIP_benchmark in fp32 like alignkit's eval (it autocasts to bfloat16 on CPU by default) and
+# --pretrained names the export in the result JSON (open_clip ignores it for local-dir:, default laion400m_e32).
+CARD_DIR = "PATH/TO/THIS/DIR"
+CLIP_BENCHMARK_COMMAND = (
+    f"clip_benchmark eval --model local-dir:{CARD_DIR} --pretrained alignkit --dataset wds/fashion_mnist "
+    "--dataset_root data/evalsets/fashion_mnist --task zeroshot_classification --no_amp --output result.json"
+)
+
+
 def model_card(
     title: str,
     *,
@@ -135,16 +145,24 @@ def model_card(
     recipe: Mapping[str, Any],
     history: Mapping[Any, Mapping[str, float]] | None = None,
     notes: str = "",
+    base_model_ids: Iterable[str] = (),
+    datasets: Iterable[str] = (),
+    license: str = "other",
 ) -> str:
-    """A Hugging Face model card: front matter, base model, data, recipe, before/after metrics, how to load."""
+    """A Hugging Face model card (``huggingface_hub.ModelCard``): front matter (``library_name: open_clip``,
+    ``license``, ``base_model`` hub ids, ``datasets``, ``pipeline_tag``), base model, data, recipe, before/after
+    metrics, how to load and evaluate."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    meta = ModelCardData(
+        library_name="open_clip",
+        license=license,
+        base_model=list(base_model_ids) or None,
+        datasets=list(datasets) or None,
+        pipeline_tag="zero-shot-image-classification",
+        tags=["clip", "alignkit"],
+    )
     lines = [
-        "---",
-        "library_name: open_clip",
-        "pipeline_tag: zero-shot-image-classification",
-        "tags:",
-        "- clip",
-        "- alignkit",
-        "---",
         f"# {title}",
         "",
         "Exported by alignkit in open_clip's hub layout.",
@@ -164,18 +182,22 @@ def model_card(
         "",
         "```python",
         "import open_clip",
-        "model, _, preprocess = open_clip.create_model_and_transforms('local-dir:PATH/TO/THIS/DIR')",
-        "tokenizer = open_clip.get_tokenizer('local-dir:PATH/TO/THIS/DIR')",
+        f"model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{CARD_DIR}')",
+        f"tokenizer = open_clip.get_tokenizer('local-dir:{CARD_DIR}')",
         "```",
         "",
         "After `huggingface-cli upload USER/REPO PATH/TO/THIS/DIR`, `hf-hub:USER/REPO` loads the same model.",
-        "CLIP_benchmark: `clip_benchmark eval --model local-dir:PATH/TO/THIS/DIR --dataset wds/NAME "
-        "--dataset_root DIR --task zeroshot_classification --output result.json`.",
+        "CLIP_benchmark, on a set from `scripts/build_evalsets.py fashion-mnist --out data/evalsets`:",
+        "",
+        "```bash",
+        CLIP_BENCHMARK_COMMAND,
+        "```",
         "",
     ]
     if notes:
         lines += ["## Notes", "", notes, ""]
-    return "\n".join(lines)
+    card = ModelCard(f"---\n{meta.to_yaml()}\n---\n" + "\n".join(lines))
+    return str(card)
 
 
 # What a model card lists from a run's resolved config (dotted keys; absent ones are skipped).
@@ -188,7 +210,6 @@ _RECIPE_KEYS = (
     "optimizer.weight_decay",
     "scheduler._target_",
     "epochs",
-    "trainer.max_steps",
     "data.batch_size",
     "seed",
 )
@@ -204,18 +225,31 @@ def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+def _data_name(path: Any) -> str:
+    p = Path(str(path))
+    return p.parent.name if p.name in ("train", "shards", "pairs") and p.parent.name else p.name
+
+
 def run_card(
     title: str,
     base_model: str,
     cfg: Mapping[str, Any] | None,
     history: Mapping[Any, Mapping[str, float]] | None,
     notes: str = "",
+    steps: int | None = None,
+    base_model_ids: Iterable[str] = (),
 ) -> str:
-    """:func:`model_card` filled from a run's resolved config (``config.yaml``) and ``metrics.json`` history."""
+    """:func:`model_card` filled from a run's resolved config (``config.yaml``) and ``metrics.json`` history;
+    ``steps``: the optimizer steps the run took (else the last evaluated step, when recorded)."""
     cfg = cfg or {}
     recipe = {k: v for k in _RECIPE_KEYS if (v := _get(cfg, k)) is not None}
+    if steps is None and history:
+        steps = max(int(k) for k in history)
+    if steps is not None:
+        recipe["steps trained"] = int(steps)
     data = cfg.get("data") if isinstance(cfg.get("data"), Mapping) else {}
     described = ", ".join(f"{k}={data[k]}" for k in _DATA_KEYS if data.get(k) is not None)
+    datasets = sorted({_data_name(data[k]) for k in ("train_shards", "csv_path") if data.get(k)})
     return model_card(
         title,
         base_model=base_model,
@@ -223,4 +257,6 @@ def run_card(
         recipe=recipe or {"config": "not recorded"},
         history=history,
         notes=notes,
+        base_model_ids=base_model_ids,
+        datasets=datasets,
     )

@@ -4,7 +4,8 @@
     alignkit build-evalsets digits        --out data/evalsets [--limit N]
     alignkit build-evalsets openclipart   --out data/evalsets --limit 1000 --seed 0
 
-Each writes ``<out>/<name>/test/{0..n-1}.tar`` + ``test/nshards.txt`` and, at ``<out>/<name>/``,
+Each writes ``<out>/<name>/test/{0..n-1}.tar`` + ``test/nshards.txt`` (at least 4 shards, so CLIP_benchmark's
+default ``--num_workers`` each read one) and, at ``<out>/<name>/``,
 ``dataset_type.txt`` plus ``classnames.txt`` / ``zeroshot_classification_templates.txt`` (classification)
 or ``members.txt`` (retrieval: the source files used, so training data can exclude them).
 Sources: Debian ``dataset-fashion-mnist`` and ``openclipart-png`` (``apt-get install -y dataset-fashion-mnist
@@ -23,10 +24,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from alignkit.data.evalsets import EvalSetError, write_eval_shards
 from alignkit.data.offline_pairs import (
     EVAL_TEMPLATES,
     FASHION_CLASSES,
@@ -66,16 +67,10 @@ def _prepare(root: Path, overwrite: bool) -> Path:
 
 
 def _write_shards(root: Path, samples: Iterable[dict], shard_size: int) -> int:
-    count = 0
-    with wds.ShardWriter(str(root / "test" / "%d.tar"), maxcount=shard_size, verbose=0) as sink:
-        for sample in tqdm(samples, desc=f"{root.name}", unit="img"):
-            sink.write(sample)
-            count += 1
-    if count == 0:
-        sys.exit(f"error: no samples written to {root}")
-    nshards = len(list((root / "test").glob("*.tar")))
-    (root / "test" / "nshards.txt").write_text(f"{nshards}\n")
-    return count
+    try:
+        return write_eval_shards(root / "test", tqdm(samples, desc=f"{root.name}", unit="img"), shard_size)
+    except EvalSetError as e:
+        sys.exit(f"error: {e}")
 
 
 def _write_classification(root: Path, classes: list[str], templates: list[str]) -> None:

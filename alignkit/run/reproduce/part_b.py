@@ -79,7 +79,7 @@ def run_part_b(
     starts: dict[str, tuple[float, Path, dict]] = {}
     for cand in START_CANDIDATES:
         try:
-            _, va = run_a(cand, table.get(cand, ROWS[cand]), sc.seeds[0], ["+module.text_head.bias=false"])
+            _, va = run_a(cand, table.get(cand, ROWS[cand]), sc.seeds[0], ["++module.text_head.bias=false"])
         except NotRun:
             meta["partial"].setdefault("B start", []).append(f"{cand} not run")
             continue

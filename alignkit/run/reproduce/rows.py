@@ -43,18 +43,30 @@ _LAST = ("data.selection.mode=last",)
 _BEST = ("data.selection.mode=best",)
 _INFONCE = ("loss.align.use_structure=false",)
 _RS = ("loss.align.use_structure=true",)
+# Part A's rows were measured with a biased text head; structure_offline (the demo) is bias-free since, for its
+# open_clip export (README: no cost on validation). Pinned until the table is rerun, so it does not move.
+_BIAS = ("++module.text_head.bias=true",)
 
 ROWS: dict[str, Row] = {
     "A/last_infonce": Row(
-        "A", "structure_offline", _LAST + _INFONCE, note="last layers, linear heads, InfoNCE"
+        "A", "structure_offline", _BIAS + _LAST + _INFONCE, note="last layers, linear heads, InfoNCE"
     ),
-    "A/last_rs": Row("A", "structure_offline", _LAST + _RS, note="last layers + R_S"),
-    "A/similar_infonce": Row("A", "structure_offline", _BEST + _INFONCE, note="selected layers, InfoNCE"),
-    "A/similar_rs": Row("A", "structure_offline", _BEST + _RS, note="selected layers + R_S"),
-    "A/default": Row("A", "structure_offline", (), note="exactly what `make demo` ships"),
+    "A/last_rs": Row("A", "structure_offline", _BIAS + _LAST + _RS, note="last layers + R_S"),
+    "A/similar_infonce": Row(
+        "A", "structure_offline", _BIAS + _BEST + _INFONCE, note="selected layers, InfoNCE"
+    ),
+    "A/similar_rs": Row("A", "structure_offline", _BIAS + _BEST + _RS, note="selected layers + R_S"),
+    "A/default": Row(
+        "A",
+        "structure_offline",
+        _BIAS,
+        note="`make demo`'s recipe as measured (the demo's text head is bias-free since)",
+    ),
     "A/cca": Row("A", "structure_offline_cca", ("epochs=0",), note="training-free CCA on the demo's layers"),
-    "A/last_infonce@{n}": Row("A", "structure_offline", _LAST + _INFONCE, low_data=True, note="low data"),
-    "A/last_rs@{n}": Row("A", "structure_offline", _LAST + _RS, low_data=True, note="low data + R_S"),
+    "A/last_infonce@{n}": Row(
+        "A", "structure_offline", _BIAS + _LAST + _INFONCE, low_data=True, note="low data"
+    ),
+    "A/last_rs@{n}": Row("A", "structure_offline", _BIAS + _LAST + _RS, low_data=True, note="low data + R_S"),
     "A/last_rs_cm3": Row(
         "A",
         "structure_offline_last_rs_cm3",
