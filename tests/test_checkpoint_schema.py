@@ -12,6 +12,7 @@ from helpers import TINY_VISION
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from alignkit.core.hub import CONFIG_NAME, WEIGHTS_NAME
 from alignkit.encoders.heads import LinearHead
 from alignkit.eval.entry import load_model
 from alignkit.losses import InfoNCE
@@ -23,7 +24,6 @@ from alignkit.run.checkpointing import (
     resolve_checkpoint,
 )
 from alignkit.run.export import export_checkpoint
-from alignkit.run.hub import CONFIG_NAME, WEIGHTS_NAME
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:

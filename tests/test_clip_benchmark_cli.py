@@ -16,9 +16,9 @@ import pytest
 import torch
 from helpers import REPO, compose_train
 
+from alignkit.core.hub import CARD_DIR, preprocess_cfg_of, run_card, write_open_clip_dir
 from alignkit.encoders.openclip import register_shipped_configs
 from alignkit.eval.entry import evaluate
-from alignkit.run.hub import CARD_DIR, preprocess_cfg_of, run_card, write_open_clip_dir
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

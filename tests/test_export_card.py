@@ -9,8 +9,9 @@ import torch
 from helpers import compose_train
 from huggingface_hub import ModelCard
 
+from alignkit.encoders.aligned import structure_card
 from alignkit.encoders.hub_cache import MINILM_HUB_ID
-from alignkit.run.export import main, structure_card
+from alignkit.run.export import main
 
 STRUCTURE_SPEC = {"towers": {"vision": {"kind": "effnet_lite0_offline"}, "text": {"kind": "minilm_offline"}}}
 

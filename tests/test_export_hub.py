@@ -10,9 +10,9 @@ import pytest
 import torch
 from helpers import load_in_fresh_process
 
+from alignkit.core.hub import CONFIG_NAME, WEIGHTS_NAME, write_open_clip_dir
 from alignkit.encoders.openclip import OpenCLIPEncoder, register_shipped_configs
 from alignkit.run.export import export_checkpoint, main
-from alignkit.run.hub import CONFIG_NAME, WEIGHTS_NAME, write_open_clip_dir
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignkit.core.hub import run_card, write_open_clip_dir
 from alignkit.encoders.frozen_towers import FrozenTowers
 from alignkit.encoders.heads import LinearHead
+from alignkit.encoders.hub_cache import ensure_in_hub_cache, text_tower_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +219,6 @@ def open_clip_config(model: AlignedDualEncoder) -> tuple[dict[str, Any], dict[st
     resolves a path in ``hf_model_name`` against the current directory, so a path would not survive a move.
     Raises ``ValueError`` with the reason when the model has no open_clip equivalent.
     """
-    from alignkit.encoders.hub_cache import text_tower_hub_id
-
     reason = open_clip_blocker(model)
     if reason:
         raise ValueError(f"no open_clip export: {reason}")
@@ -272,15 +272,13 @@ def open_clip_config(model: AlignedDualEncoder) -> tuple[dict[str, Any], dict[st
 
 
 def export_open_clip(model: AlignedDualEncoder, out_dir: str | Path, card: str | None = None) -> Path:
-    """Write ``model`` as an open_clip hub-layout directory (:mod:`alignkit.run.hub`); returns the directory.
+    """Write ``model`` as an open_clip hub-layout directory (:mod:`alignkit.core.hub`); returns the directory.
 
     ``open_clip.create_model_and_transforms("local-dir:" + out_dir)`` loads it with no registration, from any
     directory and after a move. The text tower's ``config.json`` and tokenizer files travel with the export; when
     the tower was loaded from local files they are also put into the local Hugging Face cache under the tower's
     hub id (:func:`alignkit.encoders.hub_cache.ensure_in_hub_cache`), which is how open_clip finds its config.
     """
-    from alignkit.encoders.hub_cache import ensure_in_hub_cache, text_tower_hub_id
-    from alignkit.run.hub import write_open_clip_dir
 
     cfg, pre, sd = open_clip_config(model)
     crop = float(model.towers.data_cfg.get("crop_pct") or 1.0)
@@ -295,8 +293,6 @@ def export_open_clip(model: AlignedDualEncoder, out_dir: str | Path, card: str |
     t = model.towers
     hub_id, source = text_tower_hub_id(t.text_spec)
     if card is None:
-        from alignkit.run.export import structure_card
-
         card = structure_card(model.spec(), None, None)
     out = write_open_clip_dir(out_dir, sd, cfg, pre, card)
     before = set(os.listdir(out))
@@ -307,3 +303,30 @@ def export_open_clip(model: AlignedDualEncoder, out_dir: str | Path, card: str |
         weights = [source / "model.safetensors"] if (source / "model.safetensors").is_file() else []
         ensure_in_hub_cache(hub_id, [out / f for f in shipped if (out / f).is_file()] + weights)
     return out
+
+
+def _vision_name(v: Mapping[str, Any]) -> str:
+    return (
+        "tf_efficientnet_lite0"
+        if v.get("kind") == "effnet_lite0_offline"
+        else str(v.get("model", v.get("kind")))
+    )
+
+
+def structure_card(
+    spec: Mapping[str, Any],
+    run_cfg: Mapping[str, Any] | None,
+    history: Mapping[Any, Mapping[str, float]] | None,
+    steps: int | None = None,
+) -> str:
+    """The model card of a STRUCTURE export (``spec``: ``AlignedDualEncoder.spec()``, as a checkpoint records it);
+    the one card text for exports at the end of training and from a checkpoint."""
+    towers = spec.get("towers") or {}
+    vision, text = towers.get("vision") or {}, towers.get("text") or {}
+    text_id, _ = text_tower_hub_id(text)
+    vision_name = _vision_name(vision)
+    ids = [f"timm/{vision_name}" if "/" not in vision_name else vision_name, text_id]
+    base = f"vision tower {vision_name} (timm), text tower {text_id} (Hugging Face); both frozen, linear heads trained"
+    return run_card(
+        "STRUCTURE-aligned frozen encoders", base, run_cfg, history, steps=steps, base_model_ids=ids
+    )

@@ -23,6 +23,7 @@ from alignkit.encoders.aligned import (
     export_open_clip,
     head_spec,
     save_aligned,
+    structure_card,
 )
 from alignkit.encoders.frozen_towers import FrozenTowers
 from alignkit.modules.base import TrainingModule
@@ -133,8 +134,6 @@ class StructureModule(TrainingModule):
     ) -> dict[str, str]:
         """alignkit format in ``run_dir/model`` and, when possible, an open_clip hub-layout directory in
         ``run_dir/open_clip`` (its model card from ``run_cfg`` and the evaluation ``history``)."""
-        from alignkit.run.export import structure_card
-
         out = {"alignkit": str(save_aligned(self.model, Path(run_dir) / "model"))}
         trainer = getattr(self, "_trainer", None)
         steps = trainer.global_step if trainer is not None else None

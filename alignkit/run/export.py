@@ -1,6 +1,6 @@
 """Export a trained alignkit model for open_clip.
 
-``alignkit export RUN_DIR_OR_CKPT OUT_DIR`` writes open_clip's hub layout (:mod:`alignkit.run.hub`):
+``alignkit export RUN_DIR_OR_CKPT OUT_DIR`` writes open_clip's hub layout (:mod:`alignkit.core.hub`):
 ``open_clip.create_model_and_transforms("local-dir:OUT_DIR")`` and ``clip_benchmark eval --model local-dir:OUT_DIR``
 load it with no registration, from anywhere, after a move. ``OUT.safetensors`` / ``OUT.pt`` instead writes only the
 student's plain open_clip state dict (no Lightning ``model.`` or teacher prefixes), for
@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from alignkit.encoders.aligned import structure_card
 from alignkit.run.checkpointing import load_checkpoint, read_alignkit_spec, resolve_checkpoint, run_dir_of
 
 __all__ = [
@@ -27,7 +28,6 @@ __all__ = [
     "extract_state_dict",
     "find_architecture",
     "main",
-    "structure_card",
     "write_state_dict",
 ]
 
@@ -192,7 +192,7 @@ def _write_dir(
     history: Mapping | None,
 ) -> Path:
     """One open_clip directory from a checkpoint dict (open_clip student or frozen-towers model)."""
-    from alignkit.run.hub import preprocess_cfg_of, run_card, write_open_clip_dir
+    from alignkit.core.hub import preprocess_cfg_of, run_card, write_open_clip_dir
 
     saved = read_alignkit_spec(ckpt)
     if saved is not None and saved.workflow == "structure":
@@ -219,36 +219,6 @@ def _write_dir(
     )
     _hf_text_files(model_cfg, spec["model"], out)
     return out
-
-
-def _vision_name(v: Mapping[str, Any]) -> str:
-    return (
-        "tf_efficientnet_lite0"
-        if v.get("kind") == "effnet_lite0_offline"
-        else str(v.get("model", v.get("kind")))
-    )
-
-
-def structure_card(
-    spec: Mapping[str, Any],
-    run_cfg: Mapping[str, Any] | None,
-    history: Mapping[Any, Mapping[str, float]] | None,
-    steps: int | None = None,
-) -> str:
-    """The model card of a STRUCTURE export (``spec``: ``AlignedDualEncoder.spec()``, as a checkpoint records it);
-    the one card text for exports at the end of training and from a checkpoint."""
-    from alignkit.encoders.hub_cache import text_tower_hub_id
-    from alignkit.run.hub import run_card
-
-    towers = spec.get("towers") or {}
-    vision, text = towers.get("vision") or {}, towers.get("text") or {}
-    text_id, _ = text_tower_hub_id(text)
-    vision_name = _vision_name(vision)
-    ids = [f"timm/{vision_name}" if "/" not in vision_name else vision_name, text_id]
-    base = f"vision tower {vision_name} (timm), text tower {text_id} (Hugging Face); both frozen, linear heads trained"
-    return run_card(
-        "STRUCTURE-aligned frozen encoders", base, run_cfg, history, steps=steps, base_model_ids=ids
-    )
 
 
 def export_module(
