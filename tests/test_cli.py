@@ -42,6 +42,7 @@ def test_version_help_and_unknown_command(capsys):
         main(["trian"])
 
 
+@pytest.mark.slow
 def test_python_dash_m_alignkit_runs_the_cli(tmp_path):
     res = _alignkit(["--help"], tmp_path)
     assert res.returncode == 0 and "usage: alignkit COMMAND" in res.stdout

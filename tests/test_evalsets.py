@@ -73,6 +73,7 @@ def test_build_and_read_digits(tmp_path):
     assert load_eval_set(tmp_path / "other" / "digits").labels != s.labels
 
 
+@pytest.mark.slow
 def test_builder_cli_runs_as_a_script(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(BUILDER), "digits", "--out", str(tmp_path), "--limit", "3"],

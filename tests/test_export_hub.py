@@ -43,6 +43,7 @@ def tiny_run(tmp_path_factory):
     return run, ref.eval()
 
 
+@pytest.mark.slow
 def test_cli_export_loads_in_a_fresh_process_after_a_move(tiny_run, tmp_path):
     run, ref = tiny_run
     out = tmp_path / "export"

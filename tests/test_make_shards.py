@@ -21,6 +21,7 @@ def _images(folder, n):
         Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(folder / f"{i}.jpg")
 
 
+@pytest.mark.slow
 def test_coco_json_groups_captions_per_image(tmp_path):
     _images(tmp_path / "img", 5)
     coco = {
@@ -58,6 +59,7 @@ def test_coco_json_groups_captions_per_image(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_csv_rows_of_one_image_merge(tmp_path):
     _images(tmp_path, 2)
     (tmp_path / "pairs.csv").write_text("image,caption\n0.jpg,a\n1.jpg,b\n0.jpg,c\n")
@@ -233,6 +235,7 @@ def test_write_tars_bytes_do_not_depend_on_the_temporary_name(tmp_path):
     assert not list((tmp_path / "a").glob("*.partial"))
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_no_partial_tar(tmp_path):
     """SIGKILL while the second shard is being written (one sample already in it): the first shard is whole, the
     second has no .tar at all (only its temporary .partial)."""
