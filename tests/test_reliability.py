@@ -194,7 +194,11 @@ def test_ddp_nan_loss_on_one_rank_stops_every_rank_at_that_step(ddp_nan):
         assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
     assert max(steps) == NAN_STEP
     digests = [_digests(run, r) for r in range(2)]
-    assert [d["step"] for d in digests[0]] == list(range(NAN_STEP + 1))  # before training, after steps 0, 1
+    # action=stop decides on the device and raises at the next log step / checkpoint (here the checkpoint after
+    # the broken step, whose file is never written); the test recorder, which runs before the checkpoint
+    # callback, also saw the parameters the broken step left: before training, after steps 0, 1 and 2 (NaN)
+    assert [d["step"] for d in digests[0]] == list(range(NAN_STEP + 2))
+    assert [d["finite"] for d in digests[0]] == [True] * (NAN_STEP + 1) + [False]
     assert digests[0] == digests[1]
 
 
