@@ -219,3 +219,39 @@ def test_ddp_nan_loss_on_one_rank_is_skipped_alike_on_every_rank(ddp_nan):
     assert changed == [i != NAN_STEP for i in range(DDP_STEPS)]
     assert [x["optimizer_steps"] for x in d] == [0, 1, 2, 2, 3]
     assert (out / "skip" / "open_clip").is_dir()
+
+
+@pytest.mark.parametrize(("planned", "allowed"), [(6, 1), (200, 2)])
+def test_skip_stops_once_more_than_the_fraction_of_the_run_was_skipped(planned, allowed):
+    """Ceiling = max(1, floor(0.01 x planned steps)): a 6-step run may drop one step, a 200-step run two; the next
+    non-finite step (not in a row: max_consecutive_skips is not what stops it) ends the run naming the key."""
+    from types import SimpleNamespace
+
+    from alignkit.callbacks.nonfinite import NonFiniteGuard
+
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    trainer = SimpleNamespace(
+        precision_plugin=SimpleNamespace(),
+        estimated_stepping_batches=planned,
+        global_step=0,
+        current_epoch=0,
+        global_rank=0,
+    )
+    module = SimpleNamespace(last_loss_terms={"loss": torch.tensor(float("nan"))})
+    guard = NonFiniteGuard(action="skip", max_consecutive_skips=1)
+    for step in range(allowed):
+        trainer.global_step = 2 * step
+        p.grad = torch.tensor([float("nan"), 0.0])
+        guard.on_before_optimizer_step(trainer, module, opt)
+        assert p.grad is None  # skipped
+        trainer.global_step = 2 * step + 1
+        p.grad = torch.ones(2)
+        guard.on_before_optimizer_step(trainer, module, opt)  # a good step between: no run of skips
+    assert guard.skipped_steps == allowed
+    p.grad = torch.tensor([float("nan"), 0.0])
+    with pytest.raises(
+        NonFiniteError, match=rf"{allowed + 1} skipped steps exceed the ceiling of {allowed} "
+    ) as e:
+        guard.on_before_optimizer_step(trainer, module, opt)
+    assert f"0.01 of the run's {planned} steps, callbacks.nonfinite.max_skip_fraction" in str(e.value)
