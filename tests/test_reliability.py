@@ -142,7 +142,7 @@ def test_with_fp16_loss_scaling_an_overflowing_gradient_is_left_to_the_scaler():
     # end of training (here the end), still naming the step that broke
     guard.on_before_optimizer_step(trainer, module, opt)
     trainer.global_step = 9
-    with pytest.raises(NonFiniteError, match="non-finite gradient at step 7 .*Noticed at step 9"):
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient at step 7 .*Noticed at step 9"):
         guard.on_train_end(trainer, module)
 
 

@@ -4,9 +4,13 @@ code makes between two log steps, in both workflows."""
 
 from __future__ import annotations
 
+import time
+
+import dist_workers as dw
 import pytest
 import sync_probe
-from helpers import compose_train, synthetic_shards
+import torch.multiprocessing as mp
+from helpers import compose_train, free_port, synthetic_shards
 from test_structure_train import tiny_cfg
 
 from alignkit.run.train import train
@@ -49,3 +53,21 @@ def test_structure_steps_between_log_steps_never_synchronise(tmp_path, shards, t
     steps, calls = sync_probe.read(out)
     assert steps == 4
     assert calls == [], "\n".join(calls)
+
+
+@pytest.mark.slow
+def test_ddp_steps_between_log_steps_never_synchronise(tmp_path):
+    """2 real processes (gloo): DDP's all-reduce and the guard's device-side check make no host read either."""
+    ctx = mp.start_processes(
+        dw.syncprobe_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=False
+    )
+    deadline = time.monotonic() + 150
+    while not ctx.join(timeout=1):  # raises (and ends the other rank) if one rank failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2-process run hung")
+    for rank in range(2):
+        steps, calls = sync_probe.read(tmp_path / "probe", rank)
+        assert steps == 4
+        assert calls == [], "\n".join(calls)

@@ -18,21 +18,25 @@ class NonFiniteError(RuntimeError):
 
 
 def nonfinite_terms(terms: dict[str, Any] | None) -> list[str]:
-    """Names of the scalar loss terms (``loss``, ``loss_rafa``, ...) that are NaN or infinite."""
+    """Names of the scalar loss terms (``loss``, ``loss_rafa``, ...) that are NaN or infinite.
+
+    Reads every term on the host: called only where the guard has already decided on the host (``action=skip``,
+    fp16 loss scaling), never on the default ``stop`` path."""
     bad = []
     for k, v in (terms or {}).items():
-        if torch.is_tensor(v) and v.ndim == 0 and v.is_floating_point() and not torch.isfinite(v):
-            bad.append(f"{k}={v.item()}")
+        if torch.is_tensor(v) and v.ndim == 0 and v.is_floating_point() and not math.isfinite(float(v)):
+            bad.append(f"{k}={float(v)}")
     return bad
 
 
-def grads_finite(params: list[torch.Tensor]) -> bool:
-    """One reduction over every gradient: the global 2-norm is finite iff every element is (an overflow to inf
-    of the norm itself counts as non-finite too, which is what it would do to the step)."""
+def grads_finite(params: list[torch.Tensor]) -> torch.Tensor:
+    """One fused reduction over every gradient, left on the device: the global 2-norm is finite iff every
+    element is (an overflow to inf of the norm itself counts as non-finite too, which is what it would do to the
+    step). A 0-d bool tensor; ``True`` when no parameter has a gradient."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return True
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=2.0)))
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
 
 
 def _planned_steps(trainer: L.Trainer) -> int:
@@ -88,10 +92,9 @@ class NonFiniteGuard(Callback):
     ) -> None:
         """Record, without reading anything back, the first step whose gradient is not finite and the loss terms
         of that step. One fused norm over every gradient (``_foreach_norm``) and a few scalar ``torch.where``."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
+        if not any(p.grad is not None for p in params):
             return
-        ok = torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+        ok = grads_finite(params)
         if self._first_bad is None:
             self._first_bad = torch.full((), -1, dtype=torch.long, device=ok.device)
         first_now = ~ok & (self._first_bad < 0)
@@ -157,7 +160,7 @@ class NonFiniteGuard(Callback):
             return
         else:
             # skip: dropping exactly this step's update (no parameter, no optimizer-state change) needs the
-            # decision before the optimizer runs: one host read per step, the price of action=skip.
+            # decision before the optimizer runs: one host read per step (here), the price of action=skip.
             bad = not grads_finite(params)
         if not bad:
             self._in_a_row = 0

@@ -165,8 +165,8 @@ class AlignModule(TrainingModule):
 
     def _count_skipped(self, workers: Any, skipped: Any) -> None:
         # Host-side tensors (collated by the DataLoader, not yet transferred): reading them costs no device sync.
-        workers = workers.tolist() if torch.is_tensor(workers) else [workers]
-        skipped = skipped.tolist() if torch.is_tensor(skipped) else [skipped]
+        workers = map(int, workers.numpy()) if torch.is_tensor(workers) else [workers]
+        skipped = map(int, skipped.numpy()) if torch.is_tensor(skipped) else [skipped]
         for w, sk in zip(workers, skipped):
             self._skipped[w] = max(self._skipped.get(w, 0), sk)
 
