@@ -18,6 +18,11 @@ from alignkit.modules.schedulers import LRSchedule
 log = logging.getLogger(__name__)
 # The frozen teacher is in eval mode on purpose; Lightning's start-of-fit notice about eval-mode modules is noise.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# The module reads the loader's host-side counters in on_before_batch_transfer (the datamodule defines no such hook);
+# Lightning warns that the module's hook is used whenever a datamodule is passed, which is what is meant here.
+warnings.filterwarnings(
+    "ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule`"
+)
 TEACHER_PREFIX = "teacher."
 
 
