@@ -305,3 +305,37 @@ def nonfinite_worker(rank: int, world: int, port: int, out_dir: str, step: int) 
         except NonFiniteError as e:
             result[action] = {"error": str(e)}
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+def syncprobe_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank ``rank`` of a 2-process smoke run (6 steps of 8 pairs per rank, a log step every 4) with
+    tests/sync_probe.SyncProbe counting alignkit's host synchronisations between log steps into ``out_dir/probe``."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    from helpers import compose_train
+
+    from alignkit.run.train import train
+
+    out = Path(out_dir)
+    overrides = [
+        "+experiment=smoke",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "evalsets=none",
+        "data.num_samples=96",
+        "data.batch_size=8",
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=4",
+        "callbacks.checkpoint.every_n_train_steps=100",
+        "+callbacks.sync._target_=sync_probe.SyncProbe",
+        f"+callbacks.sync.out={out / 'probe'}",
+    ]
+    train(compose_train(overrides, out / "run"))

@@ -138,8 +138,12 @@ def test_with_fp16_loss_scaling_an_overflowing_gradient_is_left_to_the_scaler():
         guard.on_before_optimizer_step(trainer, module, opt)
     trainer.precision_plugin = SimpleNamespace()  # no scaler: the gradient decides
     module.last_loss_terms["loss_rafa"] = torch.tensor(1.0)
-    with pytest.raises(NonFiniteError, match="non-finite gradient at step 7"):
-        guard.on_before_optimizer_step(trainer, module, opt)
+    # without a scaler the gradient decides, on the device: the error comes at the next log step / checkpoint /
+    # end of training (here the end), still naming the step that broke
+    guard.on_before_optimizer_step(trainer, module, opt)
+    trainer.global_step = 9
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient at step 7 .*Noticed at step 9"):
+        guard.on_train_end(trainer, module)
 
 
 NAN_STEP, DDP_STEPS = 2, 4
@@ -190,7 +194,11 @@ def test_ddp_nan_loss_on_one_rank_stops_every_rank_at_that_step(ddp_nan):
         assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
     assert max(steps) == NAN_STEP
     digests = [_digests(run, r) for r in range(2)]
-    assert [d["step"] for d in digests[0]] == list(range(NAN_STEP + 1))  # before training, after steps 0, 1
+    # action=stop decides on the device and raises at the next log step / checkpoint (here the checkpoint after
+    # the broken step, whose file is never written); the test recorder, which runs before the checkpoint
+    # callback, also saw the parameters the broken step left: before training, after steps 0, 1 and 2 (NaN)
+    assert [d["step"] for d in digests[0]] == list(range(NAN_STEP + 2))
+    assert [d["finite"] for d in digests[0]] == [True] * (NAN_STEP + 1) + [False]
     assert digests[0] == digests[1]
 
 
@@ -211,3 +219,39 @@ def test_ddp_nan_loss_on_one_rank_is_skipped_alike_on_every_rank(ddp_nan):
     assert changed == [i != NAN_STEP for i in range(DDP_STEPS)]
     assert [x["optimizer_steps"] for x in d] == [0, 1, 2, 2, 3]
     assert (out / "skip" / "open_clip").is_dir()
+
+
+@pytest.mark.parametrize(("planned", "allowed"), [(6, 1), (200, 2)])
+def test_skip_stops_once_more_than_the_fraction_of_the_run_was_skipped(planned, allowed):
+    """Ceiling = max(1, floor(0.01 x planned steps)): a 6-step run may drop one step, a 200-step run two; the next
+    non-finite step (not in a row: max_consecutive_skips is not what stops it) ends the run naming the key."""
+    from types import SimpleNamespace
+
+    from alignkit.callbacks.nonfinite import NonFiniteGuard
+
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    trainer = SimpleNamespace(
+        precision_plugin=SimpleNamespace(),
+        estimated_stepping_batches=planned,
+        global_step=0,
+        current_epoch=0,
+        global_rank=0,
+    )
+    module = SimpleNamespace(last_loss_terms={"loss": torch.tensor(float("nan"))})
+    guard = NonFiniteGuard(action="skip", max_consecutive_skips=1)
+    for step in range(allowed):
+        trainer.global_step = 2 * step
+        p.grad = torch.tensor([float("nan"), 0.0])
+        guard.on_before_optimizer_step(trainer, module, opt)
+        assert p.grad is None  # skipped
+        trainer.global_step = 2 * step + 1
+        p.grad = torch.ones(2)
+        guard.on_before_optimizer_step(trainer, module, opt)  # a good step between: no run of skips
+    assert guard.skipped_steps == allowed
+    p.grad = torch.tensor([float("nan"), 0.0])
+    with pytest.raises(
+        NonFiniteError, match=rf"{allowed + 1} skipped steps exceed the ceiling of {allowed} "
+    ) as e:
+        guard.on_before_optimizer_step(trainer, module, opt)
+    assert f"0.01 of the run's {planned} steps, callbacks.nonfinite.max_skip_fraction" in str(e.value)
