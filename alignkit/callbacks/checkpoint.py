@@ -39,6 +39,29 @@ class RunCheckpoint(ModelCheckpoint):
         if resumed and trainer.is_global_zero and self.save_top_k > 0 and self.dirpath and self.step_prefix():
             prune_step_checkpoints(self.dirpath, self.step_prefix(), self.save_top_k, trainer.global_step)
 
+    # A checkpoint another callback wrote for this step (PreemptionCheckpoint's last.ckpt at a signal): the
+    # epoch-end and train-end saves of that step are skipped. Without this, Lightning's on_train_end would write
+    # last.ckpt again after the stop, with a loop state that a resume reads as a finished epoch.
+    saved_elsewhere_step: int | None = None
+
+    def mark_saved_elsewhere(self, step: int) -> None:
+        self.saved_elsewhere_step = step
+
+    def _saved_elsewhere(self, trainer: L.Trainer) -> bool:
+        return self.saved_elsewhere_step is not None and self.saved_elsewhere_step == trainer.global_step
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._saved_elsewhere(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._saved_elsewhere(trainer):
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._saved_elsewhere(trainer):
+            super().on_train_end(trainer, pl_module)
+
     def step_prefix(self) -> str:
         """The fixed start of the step files' names (``step`` for ``step{step:07d}``); empty: no pruning."""
         return (self.filename or "").split("{")[0]
