@@ -41,6 +41,13 @@ def no_model(monkeypatch):
         ("trainer.max_steps=abc", "trainer.max_steps='abc' is not int"),
         ("data.batch_size=big", "data.batch_size='big' is not int"),
         ("data.epoch_rounding=round", "data.epoch_rounding='round' is not Literal"),
+        ("optimizer.lr=abc", "optimizer.lr='abc' is not a number"),
+        ("loss.weights.rafa=abc", "loss.weights.rafa='abc' is not a number"),
+        ("epochs=0", "epochs=0 must be an integer >= 1"),
+        ("loss.rafa.std=-1", "loss.rafa.std=-1 must be >= 0"),
+        ("loss.hycd.alpha=1.5", "loss.hycd.alpha=1.5: HyCD's mixing weight must be in [0, 1]"),
+        ("optimizer.weight_decay=-0.1", "optimizer.weight_decay=-0.1 must be >= 0"),
+        ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
     ],
 )
 def test_bad_setting_fails_before_any_model_is_built(tmp_path, no_model, override, message):
@@ -57,7 +64,8 @@ def test_every_problem_is_listed_at_once(tmp_path, no_model):
 
 
 @pytest.mark.parametrize(
-    "key", ["callbacks.teacher_cache.root", "callbacks.checkpoint.dirpath", "paths.output_dir"]
+    "key",
+    ["callbacks.teacher_cache.root", "callbacks.checkpoint.dirpath", "paths.output_dir", "paths.log_dir"],
 )
 def test_unwritable_directory_fails_within_seconds_naming_the_key(tmp_path, no_model, key):
     blocker = tmp_path / "a_file"
