@@ -10,6 +10,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from alignkit.run.checkpointing import prune_step_checkpoints
 
 
+# Lightning 2.6.6 checked: ModelCheckpoint has no public hook for "save last now" nor "after a step save" (the
+# save_top_k pruning by directory), so this subclass uses _save_last_checkpoint, _monitor_candidates,
+# _last_global_step_saved and _save_none_monitor_checkpoint (allowlisted in tests/test_private_access.py).
 class RunCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint (every N steps / minutes, ``last.ckpt``) plus a ``last.ckpt`` after the final
     optimizer step, so the final weights are on disk even when ``max_steps`` is not a multiple of N.

@@ -102,6 +102,8 @@ class PreemptionCheckpoint(Callback):
             return
         from lightning.fabric.plugins.environments import SLURMEnvironment
 
+        # Lightning 2.6.6 checked: the cluster environment of a single-device strategy is only on the (private)
+        # accelerator connector; no public accessor (allowlisted in tests/test_private_access.py).
         env = trainer._accelerator_connector.cluster_environment
         if isinstance(env, SLURMEnvironment) and env.auto_requeue and self.requeue != "none":
             raise ValueError(

@@ -39,8 +39,13 @@ log = logging.getLogger(__name__)
 def finish_loggers(trainer: L.Trainer) -> None:
     """Close wandb runs so their files are complete (and a later run in the same process starts a new segment)."""
     for lg in trainer.loggers:
-        if type(lg).__name__ == "WandbLogger" and lg._experiment is not None:
-            lg.experiment.finish()
+        if type(lg).__name__ == "WandbLogger":
+            import wandb  # present: a WandbLogger exists
+
+            if (
+                wandb.run is not None
+            ):  # the logger's run, if it started one (WandbLogger.experiment would start it)
+                wandb.run.finish()
 
 
 @rank_zero_only
