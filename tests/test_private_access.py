@@ -28,6 +28,8 @@ ALLOWED = {
         "super()._save_none_monitor_checkpoint(trainer, monitor_candidates)",
     ),
     ("alignkit/run/build.py", "fit_loop.epoch_loop"),
+    # torch's SummaryWriter (TensorBoardLogger.experiment): its only way to add a raw hparams summary
+    ("alignkit/run/loggers.py", "lg.experiment._get_file_writer()"),
 }
 
 
