@@ -98,7 +98,9 @@ def test_nan_loss_stops_naming_the_step_and_terms_and_exports_nothing(tmp_path):
     ):
         train(_poisoned(tmp_path, "stop"))
     assert not (tmp_path / "run" / "open_clip").exists()
-    assert not (tmp_path / "run" / "summary.json").exists()
+    # the exit contract: a failed run's summary says so, with the cause
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["failed"] and summary["error"].startswith("NonFiniteError: non-finite gradient at step 3")
 
 
 def test_skip_action_drops_only_the_broken_step(tmp_path):
@@ -189,7 +191,9 @@ def test_ddp_nan_loss_on_one_rank_stops_every_rank_at_that_step(ddp_nan):
         mine = "loss=nan" if rank == 1 else "loss finite on this rank (another rank's was not)"
         assert f"non-finite loss terms: {mine}" in r["stop"]["error"]
     run = out / "stop"
-    assert not (run / "open_clip").exists() and not (run / "summary.json").exists()
+    assert not (run / "open_clip").exists()
+    failed = json.loads((run / "summary.json").read_text())  # rank 0's: the cause of the failure
+    assert failed["failed"] and f"non-finite gradient at step {NAN_STEP}" in failed["error"]
     # the checkpoints went right up to the broken step and hold no part of it
     steps = []
     for ckpt in (run / "checkpoints").glob("*.ckpt"):
