@@ -13,7 +13,8 @@ import pytest
 import torch
 from helpers import REPO, compose_train
 
-from alignkit.run.checkpointing import clean_temp_parts, prune_step_checkpoints, resolve_ckpt_path
+from alignkit.run.checkpointing import clean_temp_parts, prune_step_checkpoints
+from alignkit.run.resume import resolve_ckpt_path
 
 
 def _fake_ckpt(path, step: int) -> None:
@@ -35,9 +36,28 @@ def test_corrupt_or_empty_last_ckpt_falls_back_to_the_newest_intact_step_checkpo
     assert any("step0000006.ckpt is corrupt: unreadable" in m for m in errors), errors
     with pytest.raises(ValueError, match=r"corrupt checkpoint: empty file .*ckpt_path=auto"):
         resolve_ckpt_path(str(ck / "last.ckpt"), tmp_path)
-    for p in ck.glob("step*.ckpt"):
-        p.unlink()
-    assert resolve_ckpt_path("auto", tmp_path) is None  # nothing intact: start fresh
+    (ck / "step0000004.ckpt").unlink()
+    (ck / "step0000002.ckpt").unlink()
+    assert resolve_ckpt_path("auto", tmp_path / "elsewhere") is None  # no checkpoints at all: a fresh start
+
+
+def test_checkpoints_all_corrupt_stop_auto_naming_each_and_fresh_moves_them_aside(tmp_path):
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    _fake_ckpt(ck / "step0000006.ckpt", 6)
+    data = (ck / "step0000006.ckpt").read_bytes()
+    (ck / "step0000006.ckpt").write_bytes(data[:1000])  # truncate -s 1000
+    (ck / "last.ckpt").write_bytes(b"")
+    with pytest.raises(
+        ValueError,
+        match=r"none is intact \(last.ckpt: empty file .*step0000006.ckpt: unreadable.*ckpt_path=fresh",
+    ):
+        resolve_ckpt_path("auto", tmp_path)
+    assert resolve_ckpt_path("fresh", tmp_path) is None
+    (broken,) = ck.glob("broken-*")
+    assert sorted(p.name for p in broken.iterdir()) == ["last.ckpt", "step0000006.ckpt"]
+    assert sorted(p.name for p in ck.glob("*.ckpt")) == []  # the new run's last.ckpt is the only one
+    assert resolve_ckpt_path("auto", tmp_path) is None  # broken-*/ is not a resume candidate
 
 
 def test_temp_parts_of_earlier_attempts_are_removed_and_this_attempts_kept(tmp_path):

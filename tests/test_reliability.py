@@ -41,6 +41,13 @@ def no_model(monkeypatch):
         ("trainer.max_steps=abc", "trainer.max_steps='abc' is not int"),
         ("data.batch_size=big", "data.batch_size='big' is not int"),
         ("data.epoch_rounding=round", "data.epoch_rounding='round' is not Literal"),
+        ("optimizer.lr=abc", "optimizer.lr='abc' is not a number"),
+        ("loss.weights.rafa=abc", "loss.weights.rafa='abc' is not a number"),
+        ("epochs=0", "epochs=0 must be an integer >= 1"),
+        ("loss.rafa.std=-1", "loss.rafa.std=-1 must be >= 0"),
+        ("loss.hycd.alpha=1.5", "loss.hycd.alpha=1.5: HyCD's mixing weight must be in [0, 1]"),
+        ("optimizer.weight_decay=-0.1", "optimizer.weight_decay=-0.1 must be >= 0"),
+        ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
     ],
 )
 def test_bad_setting_fails_before_any_model_is_built(tmp_path, no_model, override, message):
@@ -57,7 +64,8 @@ def test_every_problem_is_listed_at_once(tmp_path, no_model):
 
 
 @pytest.mark.parametrize(
-    "key", ["callbacks.teacher_cache.root", "callbacks.checkpoint.dirpath", "paths.output_dir"]
+    "key",
+    ["callbacks.teacher_cache.root", "callbacks.checkpoint.dirpath", "paths.output_dir", "paths.log_dir"],
 )
 def test_unwritable_directory_fails_within_seconds_naming_the_key(tmp_path, no_model, key):
     blocker = tmp_path / "a_file"
@@ -90,7 +98,9 @@ def test_nan_loss_stops_naming_the_step_and_terms_and_exports_nothing(tmp_path):
     ):
         train(_poisoned(tmp_path, "stop"))
     assert not (tmp_path / "run" / "open_clip").exists()
-    assert not (tmp_path / "run" / "summary.json").exists()
+    # the exit contract: a failed run's summary says so, with the cause
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["failed"] and summary["error"].startswith("NonFiniteError: non-finite gradient at step 3")
 
 
 def test_skip_action_drops_only_the_broken_step(tmp_path):
@@ -185,7 +195,9 @@ def test_ddp_nan_loss_on_one_rank_stops_every_rank_at_that_step(ddp_nan):
         mine = "loss=nan" if rank == 1 else "loss finite on this rank (another rank's was not)"
         assert f"non-finite loss terms: {mine}" in r["stop"]["error"]
     run = out / "stop"
-    assert not (run / "open_clip").exists() and not (run / "summary.json").exists()
+    assert not (run / "open_clip").exists()
+    failed = json.loads((run / "summary.json").read_text())  # rank 0's: the cause of the failure
+    assert failed["failed"] and f"non-finite gradient at step {NAN_STEP}" in failed["error"]
     # the checkpoints went right up to the broken step and hold no part of it
     steps = []
     for ckpt in (run / "checkpoints").glob("*.ckpt"):

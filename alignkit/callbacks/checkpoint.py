@@ -10,6 +10,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from alignkit.run.checkpointing import prune_step_checkpoints
 
 
+# Lightning 2.6.6 checked: ModelCheckpoint has no public hook for "save last now" nor "after a step save" (the
+# save_top_k pruning by directory), so this subclass uses _save_last_checkpoint, _monitor_candidates,
+# _last_global_step_saved and _save_none_monitor_checkpoint (allowlisted in tests/test_private_access.py).
 class RunCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint (every N steps / minutes, ``last.ckpt``) plus a ``last.ckpt`` after the final
     optimizer step, so the final weights are on disk even when ``max_steps`` is not a multiple of N.
@@ -38,6 +41,29 @@ class RunCheckpoint(ModelCheckpoint):
         resumed = trainer.ckpt_path is not None
         if resumed and trainer.is_global_zero and self.save_top_k > 0 and self.dirpath and self.step_prefix():
             prune_step_checkpoints(self.dirpath, self.step_prefix(), self.save_top_k, trainer.global_step)
+
+    # A checkpoint another callback wrote for this step (PreemptionCheckpoint's last.ckpt at a signal): the
+    # epoch-end and train-end saves of that step are skipped. Without this, Lightning's on_train_end would write
+    # last.ckpt again after the stop, with a loop state that a resume reads as a finished epoch.
+    saved_elsewhere_step: int | None = None
+
+    def mark_saved_elsewhere(self, step: int) -> None:
+        self.saved_elsewhere_step = step
+
+    def _saved_elsewhere(self, trainer: L.Trainer) -> bool:
+        return self.saved_elsewhere_step is not None and self.saved_elsewhere_step == trainer.global_step
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._saved_elsewhere(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._saved_elsewhere(trainer):
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._saved_elsewhere(trainer):
+            super().on_train_end(trainer, pl_module)
 
     def step_prefix(self) -> str:
         """The fixed start of the step files' names (``step`` for ``step{step:07d}``); empty: no pruning."""

@@ -41,6 +41,7 @@ from lightning.pytorch.callbacks import Callback
 
 log = logging.getLogger(__name__)
 REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
+REQUEUE_SIGNALS_NUM = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 def slurm_job_id() -> str | None:
@@ -64,7 +65,7 @@ class PreemptionCheckpoint(Callback):
 
     def __init__(
         self,
-        signals: tuple[str, ...] | list[str] = ("SIGUSR1", "SIGUSR2", "SIGTERM"),
+        signals: tuple[str, ...] | list[str] = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT"),
         requeue: str = "auto",
         dirpath: str | None = None,
         save_rng: bool = True,
@@ -88,7 +89,11 @@ class PreemptionCheckpoint(Callback):
     def _handler(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:
             return  # a forked DataLoader worker: the main process handles it
-        if self.received is None or signum != signal.SIGTERM:  # a requeue signal wins over SIGTERM
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the batch boundary
+        if (
+            self.received is None or signum in REQUEUE_SIGNALS_NUM
+        ):  # a requeue signal wins over SIGTERM / SIGINT
             self.received = signum
         log.warning("received %s: checkpointing at the end of this batch", signal.Signals(signum).name)
 
@@ -97,6 +102,8 @@ class PreemptionCheckpoint(Callback):
             return
         from lightning.fabric.plugins.environments import SLURMEnvironment
 
+        # Lightning 2.6.6 checked: the cluster environment of a single-device strategy is only on the (private)
+        # accelerator connector; no public accessor (allowlisted in tests/test_private_access.py).
         env = trainer._accelerator_connector.cluster_environment
         if isinstance(env, SLURMEnvironment) and env.auto_requeue and self.requeue != "none":
             raise ValueError(
@@ -141,6 +148,19 @@ class PreemptionCheckpoint(Callback):
         )
         previous(signum, None)  # submitit: checkpoint() + scontrol requeue + sys.exit on rank 0
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning (2.6.6 checked) installs its own SIGTERM handler after on_fit_start, chaining ours, and then raises
+        # SIGTERMException (a SystemExit without a code, so exit 0) at the batch boundary: the run would end with no
+        # summary and no report. No public switch turns that off, so during fit this callback owns SIGTERM again (its
+        # handler saves and stops like for the other signals); Lightning's teardown restores what it had found.
+        on_main = threading.current_thread() is threading.main_thread()
+        if signal.SIGTERM in self.signals and on_main and signal.getsignal(signal.SIGTERM) != self._handler:
+            signal.signal(signal.SIGTERM, self._handler)
+        if self._rng_to_restore is not None:
+            # after the model, optimizer and loops are restored: nothing consumes RNG between here and the 1st batch
+            _set_rng_state(self._rng_to_restore[trainer.global_rank])
+            self._rng_to_restore = None
+
     # ----- the batch boundary -----
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         local = self.received is not None
@@ -153,13 +173,13 @@ class PreemptionCheckpoint(Callback):
             "preempted (%s): writing %s at step %d", signal.Signals(signum).name, path, trainer.global_step
         )
         trainer.save_checkpoint(str(path))
-        ckpt_cb = trainer.checkpoint_callback
-        if ckpt_cb is not None and hasattr(ckpt_cb, "_last_global_step_saved"):
-            ckpt_cb._last_global_step_saved = trainer.global_step
+        for cb in trainer.checkpoint_callbacks:  # RunCheckpoint: no second save of this step after the stop
+            if callable(getattr(cb, "mark_saved_elsewhere", None)):
+                cb.mark_saved_elsewhere(trainer.global_step)
         self.preempted = True
         self.received_name = signal.Signals(signum).name
         trainer.should_stop = True
-        if signum != signal.SIGTERM:
+        if signum in REQUEUE_SIGNALS_NUM:
             self._requeue(trainer, signum)
 
     def _last_path(self, trainer: L.Trainer) -> Path:
@@ -212,12 +232,6 @@ class PreemptionCheckpoint(Callback):
         states = checkpoint.get("alignkit_rng")
         if self.save_rng and states and len(states) == trainer.world_size:
             self._rng_to_restore = states
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # after the model, optimizer and loops are restored: nothing consumes RNG between here and the first batch
-        if self._rng_to_restore is not None:
-            _set_rng_state(self._rng_to_restore[trainer.global_rank])
-            self._rng_to_restore = None
 
 
 def _rng_state() -> dict[str, Any]:

@@ -27,7 +27,12 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     for s in specs:
         for item in braceexpand.braceexpand(str(s)):
             if Path(item).is_dir():
-                urls += sorted(str(p) for p in Path(item).glob("*.tar"))
+                tars = sorted(str(p) for p in Path(item).glob("*.tar"))
+                if not tars:
+                    raise FileNotFoundError(
+                        f"data.train_shards: no *.tar files in {item} (build shards with scripts/make_shards.py)"
+                    )
+                urls += tars
             elif "://" not in item and not item.startswith("pipe:") and any(c in item for c in GLOB_CHARS):
                 found = sorted(glob.glob(item))
                 if not found:

@@ -2,7 +2,7 @@
 and the resume guard. Every reader and writer of checkpoints goes through this module.
 
 * Writes: :func:`atomic_torch_save` / :class:`AtomicCheckpointIO` (temp file + fsync + rename).
-* Finding: :func:`resolve_ckpt_path` (what training resumes: ``auto`` = last.ckpt or the newest intact step
+* Finding: :func:`alignkit.run.resume.resolve_ckpt_path` (what training resumes: ``auto`` = last.ckpt or the newest intact step
   checkpoint / a path / nothing), :func:`resolve_checkpoint` (what export and eval read: a run dir, the same
   newest intact checkpoint, or a file), :func:`run_dir_of`; :func:`checkpoint_problem`, :func:`clean_temp_parts`,
   :func:`prune_step_checkpoints` for interrupted runs.
@@ -153,32 +153,6 @@ def newest_intact_checkpoint(
             return c
         log.error("checkpoint %s is corrupt: %s; trying the next newest", c, problem)
     return None
-
-
-def resolve_ckpt_path(
-    ckpt_path: str | None, run_dir: str | Path, ckpt_dir: str | Path | None = None, step_prefix: str = "step"
-) -> str | None:
-    """What training resumes. ``auto`` → :func:`newest_intact_checkpoint` of ``ckpt_dir`` (default
-    ``<run_dir>/checkpoints``), else start fresh; an explicit path must exist and be intact."""
-    if ckpt_path in (None, "", "null", "none"):
-        return None
-    if ckpt_path == "auto":
-        folder = Path(ckpt_dir) if ckpt_dir else Path(run_dir) / "checkpoints"
-        found = newest_intact_checkpoint(folder, step_prefix)
-        if found is not None:
-            log.info("resuming from %s", found)
-        return str(found) if found is not None else None
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={ckpt_path!r} does not exist (use ckpt_path=auto to resume the run directory)"
-        )
-    problem = checkpoint_problem(ckpt_path)
-    if problem is not None:
-        raise ValueError(
-            f"ckpt_path={ckpt_path!r} is a corrupt checkpoint: {problem}. Give another checkpoint, or "
-            f"ckpt_path=auto to resume from the newest intact one of the run directory"
-        )
-    return str(ckpt_path)
 
 
 def resolve_checkpoint(src: str | Path) -> Path:

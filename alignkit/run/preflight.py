@@ -4,7 +4,8 @@ trained (an unwritable cache found in ``on_train_end``).
 
 * :func:`check_types`: every value given to a ``_target_`` constructor matches that constructor's annotation
   (``trainer.max_steps=abc`` → "trainer.max_steps='abc' is not int").
-* :func:`check_values`: no NaN / infinity anywhere; loss weights ≥ 0, temperatures and learning rates > 0.
+* :func:`check_values`: no NaN / infinity anywhere; numeric keys hold numbers; loss weights ≥ 0, temperatures and
+  learning rates > 0, epochs ≥ 1, std / weight decay / workers ≥ 0, HyCD alpha and probabilities in [0, 1].
 * :func:`check_writable`: every directory the run writes (run dir, checkpoints, caches) is created and a file is
   written and removed in it.
 """
@@ -38,6 +39,7 @@ CHECKED_GROUPS = (
 )
 # (config key, what the run writes there): directories probed for writing before anything is loaded.
 WRITTEN_DIRS = (
+    ("paths.log_dir", "the log"),
     ("paths.output_dir", "the run directory"),
     ("callbacks.checkpoint.dirpath", "checkpoints"),
     ("callbacks.teacher_cache.root", "the teacher cache"),
@@ -164,15 +166,62 @@ def _leaves(node: Any, path: str):
                     continue
 
 
+# Keys that always hold a number (an annotation such as ``float | Tensor`` lets a string through check_types).
+NUMERIC_KEYS = frozenset(
+    [
+        "lr",
+        "weight_decay",
+        "eps",
+        "momentum",
+        "temperature",
+        "tau",
+        "structure_tau",
+        "init_logit_scale",
+        "std",
+        "alpha",
+        "beta",
+        "dropout",
+        "num_workers",
+        "batch_size",
+    ]
+)
+PROBABILITY_KEYS = frozenset(["p", "prob", "probability", "dropout"])
+
+
+def _range_problem(group: str, path: str, key: str, v: float) -> str | None:
+    if key in ("weight_decay", "num_workers", "std") and v < 0:
+        return f"{path}={v} must be >= 0"
+    if group == "loss" and key == "alpha" and ".hycd." in f"{path}." and not 0 <= v <= 1:
+        return f"{path}={v}: HyCD's mixing weight must be in [0, 1]"
+    if (key in PROBABILITY_KEYS or key.endswith("_prob")) and not 0 <= v <= 1:
+        return f"{path}={v} is a probability: it must be in [0, 1]"
+    return None
+
+
 def check_values(cfg: DictConfig) -> list[str]:
-    """Numbers that would train garbage: NaN / ±inf anywhere, negative loss weights, non-positive temperatures
-    and learning rates."""
+    """Numbers that would train garbage: NaN / ±inf anywhere, a string where a number belongs, negative loss
+    weights, non-positive temperatures and learning rates, ``epochs`` < 1, negative std / weight decay / workers,
+    HyCD's alpha and probabilities outside [0, 1]."""
     problems: list[str] = []
+    epochs = cfg.get("epochs") if "epochs" in cfg else 1
+    analytic = OmegaConf.select(cfg, "module.head_init", default=None) == "cca"  # epochs=0: training-free CCA
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < (0 if analytic else 1):
+        problems.append(
+            f"epochs={epochs!r} must be an integer >= 1 (0 only with module.head_init=cca, the training-free "
+            f"baseline): with 0 steps the run would export an untrained model"
+        )
     for group in CHECKED_GROUPS:
         if group not in cfg or cfg[group] is None:
             continue
         for path, key, v in _leaves(cfg[group], group):
+            numeric = key in NUMERIC_KEYS or (group == "loss" and ".weights." in f"{path}.")
+            if numeric and isinstance(v, str) and v != "???":
+                problems.append(f"{path}={v!r} is not a number (check the override for {path})")
+                continue
             if not isinstance(v, int | float) or isinstance(v, bool):
+                continue
+            if math.isfinite(v) and (problem := _range_problem(group, path, key, v)):
+                problems.append(problem)
                 continue
             if not math.isfinite(v):
                 problems.append(f"{path}={v} is not a finite number")

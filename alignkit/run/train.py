@@ -22,7 +22,7 @@ from alignkit.core.config_tree import print_config_tree
 from alignkit.core.configs import CONFIG_DIR
 from alignkit.eval.report import METRICS_FILE, REPORT_FILE, load_history
 from alignkit.run.build import ExportsItself, build_run
-from alignkit.run.checkpointing import check_checkpoint_compatible, clean_temp_parts, resolve_ckpt_path
+from alignkit.run.checkpointing import check_checkpoint_compatible, clean_temp_parts
 from alignkit.run.export import EXPORT_DIR, export_module
 from alignkit.run.loggers import (
     flat_hparams,
@@ -32,6 +32,7 @@ from alignkit.run.loggers import (
     logger_locations,
 )
 from alignkit.run.preflight import preflight
+from alignkit.run.resume import RunDirLock, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,13 @@ log = logging.getLogger(__name__)
 def finish_loggers(trainer: L.Trainer) -> None:
     """Close wandb runs so their files are complete (and a later run in the same process starts a new segment)."""
     for lg in trainer.loggers:
-        if type(lg).__name__ == "WandbLogger" and lg._experiment is not None:
-            lg.experiment.finish()
+        if type(lg).__name__ == "WandbLogger":
+            import wandb  # present: a WandbLogger exists
+
+            if (
+                wandb.run is not None
+            ):  # the logger's run, if it started one (WandbLogger.experiment would start it)
+                wandb.run.finish()
 
 
 @rank_zero_only
@@ -76,6 +82,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     preflight(cfg)
     run_dir = Path(cfg.paths.output_dir)
+    # One run per run directory, held by global rank 0 for the whole run (released on any exit, kill -9 included).
+    lock = RunDirLock(run_dir).acquire() if rank_zero_only.rank == 0 else None
+    try:
+        return _train(cfg, run_dir, started)
+    except Exception as err:  # failed: the cause in summary.json, then the error propagates (non-zero exit)
+        save_run_files(
+            cfg, run_dir, {"run_dir": str(run_dir), "failed": True, "error": f"{type(err).__name__}: {err}"}
+        )
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, Any]:
     ckpt_cfg = (cfg.get("callbacks") or {}).get("checkpoint") or {}
     ckpt_dir = Path(ckpt_cfg.get("dirpath") or run_dir / "checkpoints")
     if (
@@ -83,14 +104,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ):  # parts of writes a killed attempt left (never this attempt's: older than start)
         for folder in (ckpt_dir, run_dir):
             clean_temp_parts(folder, older_than=started)
+    # What to resume, before any data or model: all-corrupt checkpoints stop the run here (ckpt_path=fresh: rank 0
+    # moves them aside, the other ranks start fresh with it).
+    step_prefix = str(ckpt_cfg.get("filename") or "").split("{")[0]
+    wanted = cfg.get("ckpt_path")
+    fresh_elsewhere = wanted == "fresh" and rank_zero_only.rank != 0
+    ckpt = None if fresh_elsewhere else resolve_ckpt_path(wanted, run_dir, ckpt_dir, step_prefix)
     L.seed_everything(cfg.seed, workers=True)
 
     # Data first (a missing path fails before any model is built), then encoder, module, trainer and batch plan.
     run = build_run(cfg)
     module, trainer = run.module, run.trainer
     save_run_files(cfg, run_dir)
-    step_prefix = str(ckpt_cfg.get("filename") or "").split("{")[0]
-    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir, ckpt_dir, step_prefix)
     if ckpt is not None:
         check_checkpoint_compatible(ckpt, module, cfg)
     handovers = [c for c in trainer.callbacks if hasattr(c, "hand_over")]
