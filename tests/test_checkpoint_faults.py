@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import REPO, compose_train
 
-from alignkit.run.checkpointing import clean_temp_parts, prune_step_checkpoints
+from alignkit.core.checkpoint import clean_temp_parts, prune_step_checkpoints
 from alignkit.run.resume import resolve_ckpt_path
 
 

@@ -7,8 +7,9 @@ import open_clip
 import pytest
 import torch
 
+from alignkit.core.checkpoint import extract_state_dict
 from alignkit.encoders.openclip import register_shipped_configs
-from alignkit.run.export import export_checkpoint, extract_state_dict, main
+from alignkit.run.export import export_checkpoint, main
 
 
 @pytest.fixture(scope="module")

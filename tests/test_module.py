@@ -9,12 +9,12 @@ from helpers import compose_train
 from hydra.utils import instantiate
 from safetensors.torch import save_file
 
+from alignkit.core.checkpoint import AtomicCheckpointIO, atomic_torch_save
 from alignkit.data import ImageTextDataModule
 from alignkit.encoders.openclip import OpenCLIPEncoder
 from alignkit.modules.base import batch_modality_gap
 from alignkit.modules.clip_refine import AlignModule
 from alignkit.modules.schedulers import LRSchedule
-from alignkit.run.checkpointing import AtomicCheckpointIO, atomic_torch_save
 
 
 def build(start_file, lr=1e-3, batchnorm=False, **module_kwargs):

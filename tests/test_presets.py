@@ -46,7 +46,7 @@ def test_fsdp_wraps_open_clip_blocks_so_the_teacher_is_sharded_like_the_student(
 def test_plugins_switch_lightning_auto_requeue_off_inside_slurm(monkeypatch):
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from alignkit.run.checkpointing import AtomicCheckpointIO
+    from alignkit.core.checkpoint import AtomicCheckpointIO
     from alignkit.run.cluster import trainer_plugins
 
     for k in ("SLURM_NTASKS", "SLURM_JOB_NAME", "SLURM_JOB_ID"):

@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from alignkit.run.checkpointing import prune_step_checkpoints
+from alignkit.core.checkpoint import prune_step_checkpoints
 
 
 # Lightning 2.6.6 checked: ModelCheckpoint has no public hook for "save last now" nor "after a step save" (the
@@ -19,7 +19,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     The final save happens inside the last batch's hooks, like every other step checkpoint, so the saved loop
     state is a mid-loop state that resumes cleanly (a save from ``on_train_end`` would record a finished loop).
-    Writes are atomic when the trainer uses :class:`alignkit.run.checkpointing.AtomicCheckpointIO` (the default preset).
+    Writes are atomic when the trainer uses :class:`alignkit.core.checkpoint.AtomicCheckpointIO` (the default preset).
     """
 
     def on_train_batch_end(

@@ -166,7 +166,7 @@ def aligned_from_spec(
     source: str = "",
 ) -> tuple[AlignedDualEncoder, Any, Any]:
     """(model, tokenizer, eval preprocess) from a spec (``model.json``, or a training checkpoint's model spec:
-    ``alignkit.run.checkpointing.read_alignkit_spec(ckpt).model``) and the trained weights (heads and logit scale,
+    ``alignkit.core.checkpoint.read_alignkit_spec(ckpt).model``) and the trained weights (heads and logit scale,
     no tower weights)."""
     if spec.get("format") != FORMAT:
         raise ValueError(f"{source}: format {spec.get('format')!r} is not {FORMAT!r}")

@@ -20,14 +20,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from alignkit.core.checkpoint import (
+    extract_state_dict,
+    find_architecture,
+    load_checkpoint,
+    read_alignkit_spec,
+    resolve_checkpoint,
+)
 from alignkit.core.config_tree import print_config_tree
 from alignkit.core.configs import CONFIG_DIR  # one config tree for train.py and eval.py
 from alignkit.core.hub import is_open_clip_dir
 from alignkit.encoders.openclip import WeightsUnavailableError, create_open_clip, register_shipped_configs
 from alignkit.eval.recorder import EvalRecorder
 from alignkit.eval.report import METRICS_FILE
-from alignkit.run.checkpointing import load_checkpoint, read_alignkit_spec, resolve_checkpoint
-from alignkit.run.export import extract_state_dict, find_architecture
 
 __all__ = ["LoadedModel", "evaluate", "load_model", "main"]
 

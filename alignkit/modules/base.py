@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignkit.core.checkpoint import AlignkitSpec
 from alignkit.data.batch_plan import BatchPlan
 from alignkit.modules.compile import compile_towers
 from alignkit.modules.scalar_params import (
@@ -19,7 +20,6 @@ from alignkit.modules.scalar_params import (
     promote_scalar_params,
 )
 from alignkit.modules.schedulers import LRSchedule
-from alignkit.run.checkpointing import AlignkitSpec
 
 
 def batch_modality_gap(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ class TrainingModule(L.LightningModule):
     batch_plan: BatchPlan | None = None
 
     # ----- checkpoints -----
-    # The workflow recorded in checkpoint["alignkit"] (alignkit.run.checkpointing.WORKFLOWS): it says what
+    # The workflow recorded in checkpoint["alignkit"] (alignkit.core.checkpoint.WORKFLOWS): it says what
     # model_spec() holds.
     workflow: str = ""
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from alignkit.core.checkpoint import read_alignkit_spec
 from alignkit.encoders.aligned import (
     TOWERS_PREFIX,
     AlignedDualEncoder,
@@ -28,7 +29,6 @@ from alignkit.encoders.aligned import (
 from alignkit.encoders.frozen_towers import FrozenTowers
 from alignkit.modules.base import TrainingModule
 from alignkit.modules.schedulers import LRSchedule
-from alignkit.run.checkpointing import read_alignkit_spec
 
 log = logging.getLogger(__name__)
 

@@ -110,7 +110,7 @@ def trainer_plugins() -> list:
     """Atomic checkpoint I/O, plus SLURMEnvironment(auto_requeue=False) inside a SLURM job."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from alignkit.run.checkpointing import AtomicCheckpointIO
+    from alignkit.core.checkpoint import AtomicCheckpointIO
 
     plugins: list = [AtomicCheckpointIO()]
     if in_slurm_job() and SLURMEnvironment.detect():

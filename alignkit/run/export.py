@@ -18,8 +18,16 @@ from typing import Any
 
 import torch
 
+from alignkit.core.checkpoint import (
+    extract_state_dict,
+    find_architecture,
+    load_checkpoint,
+    read_alignkit_spec,
+    resolve_checkpoint,
+    run_dir_of,
+    student_spec,
+)
 from alignkit.encoders.aligned import structure_card
-from alignkit.run.checkpointing import load_checkpoint, read_alignkit_spec, resolve_checkpoint, run_dir_of
 
 __all__ = [
     "EXPORT_DIR",
@@ -33,7 +41,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ARCH_KEYS = ("model_name", "arch", "architecture")
 EXPORT_DIR = "open_clip"  # <run dir>/open_clip: every run's export
 FILE_SUFFIXES = (
     ".safetensors",
@@ -41,67 +48,6 @@ FILE_SUFFIXES = (
     ".bin",
     ".pth",
 )  # a plain state dict file; anything else is a directory
-
-
-def extract_state_dict(ckpt: Mapping[str, Any], prefix: str = "model.") -> dict[str, torch.Tensor]:
-    """Keys under ``prefix`` with the prefix removed; everything else (teacher, loss buffers) is dropped.
-
-    A ``_orig_mod.`` left by ``torch.compile`` right after the prefix is removed too.
-    """
-    state = ckpt.get("state_dict", ckpt)
-    out: dict[str, torch.Tensor] = {}
-    for k, v in state.items():
-        if not k.startswith(prefix) or not isinstance(v, torch.Tensor):
-            continue
-        key = k[len(prefix) :]
-        key = key.removeprefix("_orig_mod.")
-        out[key] = v
-    if not out:
-        sample = list(state)[:5]
-        raise KeyError(f"no tensors under prefix '{prefix}' in the checkpoint (first keys: {sample}).")
-    dropped = len(state) - len(out)
-    if dropped:
-        log.info("export: kept %d tensors under '%s', dropped %d others", len(out), prefix, dropped)
-    return out
-
-
-def _search(obj: Any, depth: int = 0) -> str | None:
-    if depth > 6:
-        return None
-    if isinstance(obj, Mapping):
-        for k in ARCH_KEYS:
-            if isinstance(obj.get(k), str):
-                return obj[k]
-        for v in obj.values():
-            found = _search(v, depth + 1)
-            if found:
-                return found
-    return None
-
-
-def find_architecture(ckpt: Mapping[str, Any]) -> str | None:
-    """open_clip architecture name of the student: from ``ckpt["alignkit"]`` (:func:`read_alignkit_spec`), else
-    searched in ``ckpt["hyper_parameters"]`` (a checkpoint no alignkit module wrote), if recorded."""
-    spec = _student_spec(ckpt)
-    if spec.get("kind") == "open_clip" and isinstance(spec.get("model"), str):
-        return spec["model"]
-    value = ckpt.get("hyper_parameters")
-    if value is not None:
-        try:
-            from omegaconf import OmegaConf
-
-            if OmegaConf.is_config(value):
-                value = OmegaConf.to_container(value, resolve=False)
-        except ImportError:
-            pass
-        return _search(value)
-    return None
-
-
-def _student_spec(ckpt: Mapping[str, Any]) -> dict[str, Any]:
-    """The open_clip student's spec of a CLIP-Refine checkpoint; {} for another workflow or none recorded."""
-    saved = read_alignkit_spec(ckpt)
-    return dict(saved.model) if saved is not None and saved.workflow == "clip_refine" else {}
 
 
 def write_state_dict(
@@ -128,7 +74,7 @@ def write_state_dict(
 
 
 def _meta(source: str, ckpt: Mapping[str, Any], n: int) -> dict[str, Any]:
-    spec = _student_spec(ckpt)
+    spec = student_spec(ckpt)
     meta: dict[str, Any] = {"source": source, "architecture": find_architecture(ckpt), "num_tensors": n}
     for key in ("pretrained", "force_quick_gelu", "preprocess"):
         if key in spec:
@@ -202,7 +148,7 @@ def _write_dir(
         model, _, _ = aligned_from_spec(saved.model, heads, source="checkpoint")
         card = structure_card(saved.model, run_cfg, history, ckpt.get("global_step"))
         return export_open_clip(model, out_dir, card=card)
-    spec = _student_spec(ckpt)
+    spec = student_spec(ckpt)
     if spec.get("kind", "open_clip") != "open_clip" or "model" not in spec:
         raise ValueError(
             "the checkpoint does not record an open_clip student (ckpt['alignkit'] of a CLIP-Refine run); export "

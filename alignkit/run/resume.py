@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from alignkit.run.checkpointing import LAST, checkpoint_problem, newest_intact_checkpoint, step_checkpoints
+from alignkit.core.checkpoint import LAST, checkpoint_problem, newest_intact_checkpoint, step_checkpoints
 
 log = logging.getLogger(__name__)
 

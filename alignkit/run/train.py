@@ -18,11 +18,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from alignkit.callbacks.nonfinite import NonFiniteError
+from alignkit.core.checkpoint import clean_temp_parts
 from alignkit.core.config_tree import print_config_tree
 from alignkit.core.configs import CONFIG_DIR
 from alignkit.eval.report import METRICS_FILE, REPORT_FILE, load_history
 from alignkit.run.build import ExportsItself, build_run
-from alignkit.run.checkpointing import check_checkpoint_compatible, clean_temp_parts
+from alignkit.run.checkpointing import check_checkpoint_compatible
 from alignkit.run.export import EXPORT_DIR, export_module
 from alignkit.run.loggers import (
     flat_hparams,
