@@ -28,7 +28,7 @@ def _hydra_entry(cmd: str) -> Callable[[], None]:
     if cmd == "train":
         from alignkit.run.train import main as entry
     else:
-        from alignkit.eval.entry import main as entry
+        from alignkit.run.evaluate import main as entry
     return entry
 
 

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from alignkit.core.checkpoint import AlignkitSpec, load_checkpoint, read_alignkit_spec, resolve_checkpoint
 from alignkit.core.hub import CONFIG_NAME, WEIGHTS_NAME
 from alignkit.encoders.heads import LinearHead
-from alignkit.eval.entry import load_model
 from alignkit.losses import InfoNCE
 from alignkit.run.checkpointing import check_checkpoint_compatible
+from alignkit.run.evaluate import load_model
 from alignkit.run.export import export_checkpoint
 
 

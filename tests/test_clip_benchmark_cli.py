@@ -18,7 +18,7 @@ from helpers import REPO, compose_train
 
 from alignkit.core.hub import CARD_DIR, preprocess_cfg_of, run_card, write_open_clip_dir
 from alignkit.encoders.openclip import register_shipped_configs
-from alignkit.eval.entry import evaluate
+from alignkit.run.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

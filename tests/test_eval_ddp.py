@@ -11,7 +11,7 @@ import pytest
 from helpers import REPO
 from omegaconf import open_dict
 
-from alignkit.eval.entry import evaluate
+from alignkit.run.evaluate import evaluate
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
 
@@ -49,7 +49,7 @@ def test_ddp_evaluation_gathers_the_single_process_numbers(tmp_path):
 
     from hydra import compose, initialize_config_dir
 
-    from alignkit.eval.entry import CONFIG_DIR
+    from alignkit.run.evaluate import CONFIG_DIR
 
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
         cfg = compose(config_name="eval", overrides=[f"model.ckpt={run_dir}", "evalsets=synthetic"])

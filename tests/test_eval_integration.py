@@ -20,7 +20,7 @@ from PIL import Image
 from alignkit.cli import main as cli_main
 from alignkit.data.synthetic import synthetic_eval_set
 from alignkit.eval.encode import evaluate_sets
-from alignkit.eval.entry import evaluate
+from alignkit.run.evaluate import evaluate
 from alignkit.run.train import train
 
 STEPS = (0, 3, 6, 8)

@@ -15,8 +15,8 @@ from alignkit.callbacks.evaluation import FIRST_EMBEDDINGS_FILE, EvaluationCallb
 from alignkit.data.evalsets import ClassificationSet, RetrievalSet
 from alignkit.data.synthetic import synthetic_eval_set
 from alignkit.encoders.openclip import WeightsUnavailableError
-from alignkit.eval.entry import load_model
 from alignkit.eval.report import load_history, render_report, save_history
+from alignkit.run.evaluate import load_model
 
 
 def _trainer(tmp_path: Path, step: int) -> SimpleNamespace:
@@ -91,7 +91,7 @@ def _eval_cfg(overrides, out_dir):
 
 
 def test_eval_entry_bad_inputs(tmp_path):
-    from alignkit.eval.entry import evaluate
+    from alignkit.run.evaluate import evaluate
 
     with pytest.raises(ValueError, match="no eval sets selected"):
         evaluate(_eval_cfg(["model.name=alignkit-tiny-vit"], tmp_path))
@@ -171,7 +171,7 @@ def test_recorder_keeps_first_and_last_plot_embeddings_and_writes_the_files(tmp_
 
 
 def test_eval_entry_rejects_an_unknown_autocast_before_loading_anything(tmp_path):
-    from alignkit.eval.entry import evaluate
+    from alignkit.run.evaluate import evaluate
 
     cfg = compose_train(
         ["evalsets=synthetic", "autocast=bf15", "model.name=nope"], tmp_path, config_name="eval"

@@ -154,7 +154,7 @@ def test_cached_evaluation_equals_the_ordinary_evaluation(tiny_repro):
     """Part A's cached-feature evaluation gives the numbers of eval.py's path (towers + heads on images)."""
     from alignkit.data.evalsets import load_eval_set
     from alignkit.eval.encode import evaluate_sets
-    from alignkit.eval.entry import load_model
+    from alignkit.run.evaluate import load_model
 
     base, payload = tiny_repro
     model_dir = base / "out" / "runs" / "A_last_infonce" / "seed0" / "model"

@@ -355,7 +355,7 @@ def test_each_unique_item_encoded_once_and_all_layer_entry_reused(
 def test_eval_py_rebuilds_the_run_from_its_checkpoint_and_from_its_export(tmp_path, shards, tiny_text_dir):
     # eval.py on a frozen-encoder run: towers rebuilt from the recorded specs, heads from the checkpoint (or from
     # the exported model/ directory); the numbers equal the training callback's evaluation of the live module.
-    from alignkit.eval.entry import evaluate
+    from alignkit.run.evaluate import evaluate
 
     summary = train(tiny_cfg(tmp_path, shards, tiny_text_dir, "evalsets=synthetic"))
     run = tmp_path / "run"

@@ -328,6 +328,8 @@ def find_architecture(ckpt: Mapping[str, Any]) -> str | None:
 
 
 def student_spec(ckpt: Mapping[str, Any]) -> dict[str, Any]:
-    """The open_clip student's spec of a CLIP-Refine checkpoint; {} for another workflow or none recorded."""
+    """The model spec ``checkpoint["alignkit"]`` records ({} when none). An open_clip student's says
+    ``kind: open_clip`` with its ``model`` / ``pretrained`` / ``preprocess``; a frozen-towers model's has none of
+    those keys, so the readers below find nothing open_clip in it."""
     saved = read_alignkit_spec(ckpt)
-    return dict(saved.model) if saved is not None and saved.workflow == "clip_refine" else {}
+    return dict(saved.model) if saved is not None else {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,31 @@ class OpenCLIPEncoder:
         if getattr(model, "logit_scale", None) is not None:
             out["logit_scale"] = model.logit_scale.exp()
         return out
+
+
+def open_clip_model_cfg(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The open_clip architecture config of an open_clip student (its spec: ``AlignkitSpec.model``)."""
+    register_shipped_configs()
+    name = spec.get("model")
+    cfg = open_clip.get_model_config(name) if isinstance(name, str) else None
+    if cfg is None:
+        raise ValueError(
+            f"cannot write an open_clip directory: the architecture {name!r} is unknown to open_clip (export to "
+            f"OUT.safetensors instead and load it with your own config)."
+        )
+    if spec.get("force_quick_gelu"):
+        cfg["quick_gelu"] = True  # the trained model used QuickGELU; a rebuild without it would differ
+    return cfg
+
+
+def save_hf_text_files(model_cfg: Mapping[str, Any], name: str, out: Path) -> None:
+    """A Hugging Face text tower's config.json and tokenizer files into ``out`` (open_clip reads a local-dir's
+    tokenizer from the directory itself)."""
+    text = model_cfg.get("text_cfg") or {}
+    if text.get("hf_model_name"):
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(text["hf_model_name"]).save_pretrained(out)
+    if text.get("hf_tokenizer_name"):
+        tok = open_clip.get_tokenizer(name)
+        getattr(tok, "tokenizer", tok).save_pretrained(out)

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from alignkit.core.checkpoint import read_alignkit_spec
+from alignkit.modules.workflows import workflow_of
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,8 @@ def check_checkpoint_compatible(ckpt_path: str | Path, module: torch.nn.Module, 
     workflow = getattr(module, "workflow", None)
     if saved is not None and workflow and saved.workflow != workflow:
         problems.append(f"workflow: checkpoint {saved.workflow!r} vs this run {workflow!r}")
-    elif saved is not None and saved.workflow == "clip_refine":
-        enc = getattr(getattr(module, "encoder", None), "spec", None) or {}
-        for k in ("kind", "model", "pretrained"):
-            if enc and saved.model.get(k) != enc.get(k):
-                problems.append(f"encoder {k}: checkpoint {saved.model.get(k)!r} vs this run {enc.get(k)!r}")
+    elif saved is not None:
+        problems += workflow_of(saved).resume_problems(saved.model, module)
     saved_run = ckpt.get("alignkit_run")
     if saved_run:
         now = run_identity(cfg)

@@ -27,7 +27,7 @@ from alignkit.core.checkpoint import (
     run_dir_of,
     student_spec,
 )
-from alignkit.encoders.aligned import structure_card
+from alignkit.modules.workflows import workflow_of
 
 __all__ = [
     "EXPORT_DIR",
@@ -82,40 +82,6 @@ def _meta(source: str, ckpt: Mapping[str, Any], n: int) -> dict[str, Any]:
     return meta
 
 
-def open_clip_model_cfg(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The open_clip architecture config of an open_clip student (its spec: ``AlignkitSpec.model``)."""
-    import open_clip
-
-    from alignkit.encoders.openclip import register_shipped_configs
-
-    register_shipped_configs()
-    name = spec.get("model")
-    cfg = open_clip.get_model_config(name) if isinstance(name, str) else None
-    if cfg is None:
-        raise ValueError(
-            f"cannot write an open_clip directory: the architecture {name!r} is unknown to open_clip (export to "
-            f"OUT.safetensors instead and load it with your own config)."
-        )
-    if spec.get("force_quick_gelu"):
-        cfg["quick_gelu"] = True  # the trained model used QuickGELU; a rebuild without it would differ
-    return cfg
-
-
-def _hf_text_files(model_cfg: Mapping[str, Any], name: str, out: Path) -> None:
-    """A Hugging Face text tower's config.json and tokenizer files into ``out`` (open_clip reads a local-dir's
-    tokenizer from the directory itself)."""
-    text = model_cfg.get("text_cfg") or {}
-    if text.get("hf_model_name"):
-        from transformers import AutoConfig
-
-        AutoConfig.from_pretrained(text["hf_model_name"]).save_pretrained(out)
-    if text.get("hf_tokenizer_name"):
-        import open_clip
-
-        tok = open_clip.get_tokenizer(name)
-        getattr(tok, "tokenizer", tok).save_pretrained(out)
-
-
 def _read_run(run_dir: Path | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """(resolved config, metrics history) a run directory recorded, when present."""
     if run_dir is None:
@@ -137,34 +103,10 @@ def _write_dir(
     run_cfg: Mapping | None,
     history: Mapping | None,
 ) -> Path:
-    """One open_clip directory from a checkpoint dict (open_clip student or frozen-towers model)."""
-    from alignkit.core.hub import preprocess_cfg_of, run_card, write_open_clip_dir
-
+    """One open_clip directory from a checkpoint dict, written by the workflow the checkpoint records."""
     saved = read_alignkit_spec(ckpt)
-    if saved is not None and saved.workflow == "structure":
-        from alignkit.encoders.aligned import aligned_from_spec, export_open_clip
-
-        heads = extract_state_dict(ckpt, prefix)
-        model, _, _ = aligned_from_spec(saved.model, heads, source="checkpoint")
-        card = structure_card(saved.model, run_cfg, history, ckpt.get("global_step"))
-        return export_open_clip(model, out_dir, card=card)
-    spec = student_spec(ckpt)
-    if spec.get("kind", "open_clip") != "open_clip" or "model" not in spec:
-        raise ValueError(
-            "the checkpoint does not record an open_clip student (ckpt['alignkit'] of a CLIP-Refine run); export "
-            "to OUT.safetensors and pass the architecture to open_clip yourself"
-        )
-    model_cfg = open_clip_model_cfg(spec)
-    state = extract_state_dict(ckpt, prefix)
-    base = f"{spec['model']} (pretrained={spec.get('pretrained')})"
-    card = run_card(
-        f"{spec['model']} refined with alignkit", base, run_cfg, history, steps=ckpt.get("global_step")
-    )
-    out = write_open_clip_dir(
-        out_dir, state, model_cfg, preprocess_cfg_of(spec.get("preprocess") or {}), card
-    )
-    _hf_text_files(model_cfg, spec["model"], out)
-    return out
+    spec = dict(saved.model) if saved is not None else {}
+    return workflow_of(saved).write_open_clip(ckpt, spec, out_dir, prefix, run_cfg, history)
 
 
 def export_module(

@@ -20,19 +20,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from alignkit.core.checkpoint import (
-    extract_state_dict,
-    find_architecture,
-    load_checkpoint,
-    read_alignkit_spec,
-    resolve_checkpoint,
-)
+from alignkit.core.checkpoint import load_checkpoint, read_alignkit_spec, resolve_checkpoint
 from alignkit.core.config_tree import print_config_tree
 from alignkit.core.configs import CONFIG_DIR  # one config tree for train.py and eval.py
 from alignkit.core.hub import is_open_clip_dir
-from alignkit.encoders.openclip import WeightsUnavailableError, create_open_clip, register_shipped_configs
+from alignkit.encoders.aligned import load_aligned
+from alignkit.encoders.openclip import WeightsUnavailableError, create_open_clip
 from alignkit.eval.recorder import EvalRecorder
 from alignkit.eval.report import METRICS_FILE
+from alignkit.modules.workflows import workflow_of
 
 __all__ = ["LoadedModel", "evaluate", "load_model", "main"]
 
@@ -50,17 +46,11 @@ class LoadedModel:
     description: str
 
 
-def _aligned(model_and_io: tuple, step: int, what: str) -> LoadedModel:
-    model, tokenizer, preprocess = model_and_io
-    layers = f"layers {model.image_layer}/{model.text_layer}"
-    return LoadedModel(model, tokenizer, preprocess, step, f"frozen towers + heads ({layers}) from {what}")
-
-
 def _from_checkpoint(src: str, name: str | None, precision: str) -> LoadedModel:
-    from alignkit.encoders.aligned import aligned_from_spec, load_aligned
-
     if Path(src, "model.json").is_file() and not Path(src, "checkpoints").is_dir():
-        return _aligned(load_aligned(src), 0, src)  # an export directory of a frozen-encoder run
+        model, tokenizer, preprocess = load_aligned(src)  # an export directory of a frozen-encoder run
+        layers = f"layers {model.image_layer}/{model.text_layer}"
+        return LoadedModel(model, tokenizer, preprocess, 0, f"frozen towers + heads ({layers}) from {src}")
     if is_open_clip_dir(src):  # an open_clip hub-layout export (alignkit export / <run>/open_clip)
         if name:
             raise ValueError(
@@ -74,48 +64,10 @@ def _from_checkpoint(src: str, name: str | None, precision: str) -> LoadedModel:
     ckpt = load_checkpoint(path)
     saved = read_alignkit_spec(ckpt, str(path))
     step = int(ckpt.get("global_step", 0))
-    if saved is not None and saved.workflow == "structure":  # frozen towers from their specs + trained heads
-        if name:
-            raise ValueError(f"{path}: model.name applies to open_clip students, not to a frozen-encoder run")
-        heads = extract_state_dict(ckpt)
-        return _aligned(
-            aligned_from_spec(saved.model, heads, source=str(path)), step, f"{path} (step {step})"
-        )
-    spec = saved.model if saved is not None else {}
-    if spec.get("kind", "open_clip") != "open_clip":
-        raise ValueError(
-            f"{path}: the student is a {spec.get('kind')!r} model, which eval.py cannot rebuild; evaluate the run "
-            f"with the training callback (evalsets=...)."
-        )
-    arch = name or find_architecture(ckpt)
-    if arch is None:
-        raise ValueError(
-            f"{path}: the checkpoint does not record its open_clip architecture; pass model.name=ARCH"
-        )
-    register_shipped_configs()
-    if open_clip.factory.parse_model_name(arch)[0] is None and arch not in open_clip.list_models():
-        raise ValueError(f"{path}: unknown open_clip architecture {arch!r}; pass model.name=ARCH")
-    pp = spec.get("preprocess") or {}
-    # Random init, then the trained weights: the starting weights (e.g. a pretrained tag) are never needed.
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        arch,
-        pretrained=None,
-        precision=precision,
-        force_quick_gelu=bool(spec.get("force_quick_gelu", False)),
-        image_mean=tuple(pp["mean"]) if "mean" in pp else None,
-        image_std=tuple(pp["std"]) if "std" in pp else None,
-        image_interpolation=pp.get("interpolation"),
-        image_resize_mode=pp.get("resize_mode"),
-    )
-    state = extract_state_dict(ckpt)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{path}: weights do not fit open_clip {arch!r}: missing {result.missing_keys[:5]}, unexpected "
-            f"{result.unexpected_keys[:5]}. Pass the right model.name=ARCH."
-        )
+    spec = dict(saved.model) if saved is not None else {}
+    rebuilt = workflow_of(saved).rebuild(ckpt, spec, str(path), name, precision)
     return LoadedModel(
-        model, open_clip.get_tokenizer(arch), preprocess, step, f"{arch} from {path} (step {step})"
+        rebuilt.model, rebuilt.tokenizer, rebuilt.preprocess, step, f"{rebuilt.description} (step {step})"
     )
 
 
