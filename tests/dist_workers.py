@@ -277,10 +277,8 @@ def nonfinite_overrides(action: str, step: int, run_dir: Path) -> list[str]:
     ]
 
 
-def nonfinite_worker(rank: int, world: int, port: int, out_dir: str, step: int) -> None:
-    """Rank ``rank`` of a 2-process ``train()`` started the way torchrun / SLURM start one (the environment names
-    the rank; Lightning launches nothing), once with ``callbacks.nonfinite.action=stop``, then with ``skip``.
-    Writes each run's summary or :class:`NonFiniteError` message to ``out_dir/rank{r}.pt``."""
+def _launched_as_rank(rank: int, world: int, port: int) -> None:
+    """The environment torchrun / SLURM give rank ``rank`` (Lightning launches nothing), one thread per rank."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -290,6 +288,13 @@ def nonfinite_worker(rank: int, world: int, port: int, out_dir: str, step: int) 
         WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
+
+
+def nonfinite_worker(rank: int, world: int, port: int, out_dir: str, step: int) -> None:
+    """Rank ``rank`` of a 2-process ``train()`` started the way torchrun / SLURM start one (the environment names
+    the rank; Lightning launches nothing), once with ``callbacks.nonfinite.action=stop``, then with ``skip``.
+    Writes each run's summary or :class:`NonFiniteError` message to ``out_dir/rank{r}.pt``."""
+    _launched_as_rank(rank, world, port)
     from helpers import compose_train
 
     from alignkit.callbacks.nonfinite import NonFiniteError
@@ -310,15 +315,7 @@ def nonfinite_worker(rank: int, world: int, port: int, out_dir: str, step: int) 
 def syncprobe_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Rank ``rank`` of a 2-process smoke run (6 steps of 8 pairs per rank, a log step every 4) with
     tests/sync_probe.SyncProbe counting alignkit's host synchronisations between log steps into ``out_dir/probe``."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-        WORLD_SIZE=str(world),
-    )
-    torch.set_num_threads(1)
+    _launched_as_rank(rank, world, port)
     from helpers import compose_train
 
     from alignkit.run.train import train

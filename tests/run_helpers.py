@@ -142,3 +142,20 @@ class RecordParams(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._write(trainer, pl_module)
+
+
+def assert_interrupted_run(run: Path, sig: str, step: int) -> None:
+    """A run a signal stopped outside SLURM: summary says so (not requeued), last.ckpt at ``step``, no export,
+    the report marked interrupted."""
+    import torch
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["interrupted"] and summary["interrupted_by"] == sig and not summary["requeued"]
+    assert summary["global_step"] == step
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == step
+    assert not (run / "open_clip").exists()  # no export of a half-trained model
+    report = (run / "report.md").read_text()
+    assert (
+        report.startswith("# Evaluation report (interrupted)")
+        and f"INTERRUPTED by {sig} at step {step}" in report
+    )

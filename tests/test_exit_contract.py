@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REPO, compose_train
+from run_helpers import assert_interrupted_run
 from safetensors.torch import load_file
 
 from alignkit.run.resume import RunDirLock, RunDirLockedError
@@ -70,17 +71,7 @@ def test_sigterm_and_sigint_exit_128_plus_signal_with_summary_and_resume_exactly
     assert results[0][0] == 0, results[0][1][-3000:]
     for sig, (rc, out) in zip(names, results[1:], strict=True):
         assert rc == 128 + int(getattr(signal, sig)), out[-3000:]  # 143 / 130: "ended by that signal"
-        run = runs / sig.lower()
-        summary = json.loads((run / "summary.json").read_text())
-        assert summary["interrupted"] and summary["interrupted_by"] == sig and not summary["requeued"]
-        assert summary["global_step"] == 2
-        assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
-        assert not (run / "open_clip").exists()  # no export of a half-trained model
-        report = (run / "report.md").read_text()
-        assert (
-            report.startswith("# Evaluation report (interrupted)")
-            and f"INTERRUPTED by {sig} at step 2" in report
-        )
+        assert_interrupted_run(runs / sig.lower(), sig, 2)
 
     # the same commands again: ckpt_path=auto resumes last.ckpt and ends with the uninterrupted run's weights
     resumed = _wait([_start(tmp_path, s.lower(), kill_at(s)) for s in names])

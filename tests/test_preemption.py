@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import compose_train, uneven_shards
+from run_helpers import assert_interrupted_run
 
 from alignkit.run.train import train
 
@@ -180,14 +181,4 @@ def test_signal_outside_slurm_writes_last_ckpt_marks_the_run_interrupted_and_exi
         [sys.executable, str(REPO / "train.py"), *args], env=env, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 128 + 10, res.stderr[-3000:]  # 128 + SIGUSR1: "ended by a signal"
-    run = tmp_path / "smoke" / "runs" / "sig"
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["interrupted"] and summary["interrupted_by"] == "SIGUSR1" and not summary["requeued"]
-    assert summary["global_step"] == 2
-    assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
-    assert not (run / "open_clip").exists()  # no export of a half-trained model
-    report = (run / "report.md").read_text()
-    assert (
-        report.startswith("# Evaluation report (interrupted)")
-        and "INTERRUPTED by SIGUSR1 at step 2" in report
-    )
+    assert_interrupted_run(tmp_path / "smoke" / "runs" / "sig", "SIGUSR1", 2)
