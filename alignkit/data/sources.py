@@ -44,6 +44,7 @@ from alignkit.data.samples import (
 )
 from alignkit.data.synthetic import SyntheticShapes
 from alignkit.data.webdataset import (
+    check_empty_shards,
     collate_pairs,
     count_samples,
     expand_urls,
@@ -51,16 +52,8 @@ from alignkit.data.webdataset import (
     shard_sizes,
 )
 
-__all__ = [
-    "KINDS",
-    "SOURCE_KEYS",
-    "CsvSource",
-    "PairSource",
-    "SyntheticSource",
-    "WebDatasetSource",
-    "make_source",
-    "source_keys",
-]
+__all__ = ["KINDS", "SOURCE_KEYS", "CsvSource", "PairSource", "SyntheticSource", "WebDatasetSource"]
+__all__ += ["make_source", "source_keys"]
 
 Captions = Literal["all", "first"]
 RawSample = tuple[str, Image.Image, list[str]]
@@ -154,14 +147,21 @@ class WebDatasetSource(PairSource):
 
     kind = "webdataset"
     modes = ("exact", "resampled")
-    reads = ("train_shards", "num_samples")
+    reads = ("train_shards", "num_samples", "allow_short_shards")
 
-    def __init__(self, train_shards: str | list[str] | None = None, num_samples: int | None = None) -> None:
+    def __init__(
+        self,
+        train_shards: str | list[str] | None = None,
+        num_samples: int | None = None,
+        allow_short_shards: bool = False,
+    ) -> None:
         if train_shards is None:
             raise ValueError(
                 "data.source=webdataset needs data.train_shards, e.g. /data/coco/{00000..00231}.tar"
             )
         self.urls = expand_urls(train_shards)
+        # an empty shard beside good ones would make the good ones train again: refused before any model is built
+        check_empty_shards(self.urls, shard_sizes(self.urls), allow=bool(allow_short_shards))
         self.num_samples = num_samples
         self._size: int | None = None
 
@@ -374,6 +374,7 @@ SOURCE_KEYS = (
     "num_samples",
     "synthetic_image_size",
     "seed",
+    "allow_short_shards",
 )
 
 
