@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from alignkit.data.csvdata import CsvPairs, read_rows, resolve_image
+from alignkit.data.csvdata import CsvPairs, check_some_image_opens, read_rows, resolve_image
 from alignkit.data.epochs import (
     EpochPlan,
     IndexEpochBatches,
@@ -243,7 +243,8 @@ class WebDatasetSource(PairSource):
 
 class CsvSource(_MapSource):
     """A CSV / TSV of (``image_col``: image path, relative to the file's folder unless absolute; ``caption_col``)
-    rows, one sample per row. Checked at construction: the file exists and has both columns."""
+    rows, one sample per row. Checked at construction: the file exists, has both columns, and one of its first
+    rows' images opens."""
 
     kind = "csv"
     reads = ("train_csv", "image_col", "caption_col")
@@ -258,6 +259,7 @@ class CsvSource(_MapSource):
         self.train_csv, self.image_col, self.caption_col = train_csv, image_col, caption_col
         self.path = Path(str(train_csv))
         self._rows: list[tuple[str, str]] | None = None
+        check_some_image_opens(self.path, self.rows)  # wrong image paths fail here, before any model is built
 
     @property
     def rows(self) -> list[tuple[str, str]]:
