@@ -7,7 +7,9 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from alignkit.data.samples import BadSample, BadSampleCounter, PairTransform
+from alignkit.data.samples import BadSample, BadSampleCounter, PairTransform, decode_image
+
+PROBE_ROWS = 8  # rows whose images are tried before any model is built
 
 
 def read_rows(
@@ -36,6 +38,27 @@ def read_rows(
 def resolve_image(root: Path, image: str) -> Path:
     """An image path of a row: absolute as written, else relative to the CSV's folder."""
     return Path(image) if Path(image).is_absolute() else root / image
+
+
+def check_some_image_opens(path: Path, rows: list[tuple[str, str]], probe: int = PROBE_ROWS) -> None:
+    """Open the images of the first ``probe`` rows, stopping at the first that decodes; if none does, the CSV's
+    paths are wrong (missing, moved, relative to another folder) and training would only skip: raise naming the
+    CSV, the paths tried and the fix. Costs one image read on a good CSV."""
+    tried: list[str] = []
+    for image, _ in rows[:probe]:
+        p = resolve_image(path.parent, image)
+        try:
+            decode_image(p.read_bytes(), str(p))
+            return
+        except OSError as e:
+            tried.append(f"{p} ({type(e).__name__})")
+        except BadSample:
+            tried.append(f"{p} (not a readable image)")
+    raise FileNotFoundError(
+        f"data.train_csv={str(path)!r}: none of the images of its first {len(tried)} row(s) opens: "
+        f"{'; '.join(tried[:3])}{' ...' if len(tried) > 3 else ''}. Image paths are read relative to the CSV's "
+        "folder unless absolute: fix the image column (data.image_col) or move the CSV next to its images"
+    )
 
 
 class CsvPairs(Dataset):

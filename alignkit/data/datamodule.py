@@ -33,6 +33,8 @@ class ImageTextDataModule(L.LightningDataModule):
         mode: ``exact`` (default: every sample once per epoch across all ranks and workers, resumable mid-epoch;
             webdataset needs per-shard counts) or ``resampled`` (webdataset only: shards drawn with replacement,
             an epoch is a number of steps). See docs/distributed.md.
+        allow_short_shards: train even when a shard beside good ones is empty (one WARNING with the repetition it
+            causes); by default such a shard is refused before any model is built.
 
     The ``source`` / ``train_shards`` / ``train_csv`` / ``image_col`` / ``caption_col`` / ``num_samples`` /
     ``synthetic_image_size`` keys build a :class:`~alignkit.data.sources.PairSource` (``.pair_source``), which
@@ -47,6 +49,7 @@ class ImageTextDataModule(L.LightningDataModule):
         image_col: str = "image",
         caption_col: str = "caption",
         num_samples: int | None = None,
+        allow_short_shards: bool = False,
         batch_size: int = 32,
         num_workers: int = 2,
         shuffle_buffer: int = 1000,

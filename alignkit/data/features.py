@@ -43,8 +43,8 @@ class FeaturePairDataModule(L.LightningDataModule):
     """Pairs for aligning frozen encoders, as cached features (see the module docstring).
 
     Args:
-        source / train_shards / train_csv / image_col / caption_col / num_samples / synthetic_image_size: the
-            pair source (:func:`~alignkit.data.sources.make_source`, ``.pair_source``), as in
+        source / train_shards / train_csv / image_col / caption_col / num_samples / synthetic_image_size /
+            allow_short_shards: the pair source (:func:`~alignkit.data.sources.make_source`, ``.pair_source``), as in
             :class:`~alignkit.data.ImageTextDataModule`.
         captions: ``all`` (one row per caption; each image still encoded once) or ``first``.
         max_pairs: keep this many source samples (seeded subset; STRUCTURE's subsampling runs).
@@ -66,6 +66,7 @@ class FeaturePairDataModule(L.LightningDataModule):
         image_col: str = "image",
         caption_col: str = "caption",
         num_samples: int | None = None,
+        allow_short_shards: bool = False,
         synthetic_image_size: int = 32,
         captions: Literal["all", "first"] = "all",
         max_pairs: int | None = None,

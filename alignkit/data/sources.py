@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from alignkit.data.csvdata import CsvPairs, read_rows, resolve_image
+from alignkit.data.csvdata import CsvPairs, check_some_image_opens, read_rows, resolve_image
 from alignkit.data.epochs import (
     EpochPlan,
     IndexEpochBatches,
@@ -44,6 +44,7 @@ from alignkit.data.samples import (
 )
 from alignkit.data.synthetic import SyntheticShapes
 from alignkit.data.webdataset import (
+    check_empty_shards,
     collate_pairs,
     count_samples,
     expand_urls,
@@ -51,16 +52,8 @@ from alignkit.data.webdataset import (
     shard_sizes,
 )
 
-__all__ = [
-    "KINDS",
-    "SOURCE_KEYS",
-    "CsvSource",
-    "PairSource",
-    "SyntheticSource",
-    "WebDatasetSource",
-    "make_source",
-    "source_keys",
-]
+__all__ = ["KINDS", "SOURCE_KEYS", "CsvSource", "PairSource", "SyntheticSource", "WebDatasetSource"]
+__all__ += ["make_source", "source_keys"]
 
 Captions = Literal["all", "first"]
 RawSample = tuple[str, Image.Image, list[str]]
@@ -154,14 +147,21 @@ class WebDatasetSource(PairSource):
 
     kind = "webdataset"
     modes = ("exact", "resampled")
-    reads = ("train_shards", "num_samples")
+    reads = ("train_shards", "num_samples", "allow_short_shards")
 
-    def __init__(self, train_shards: str | list[str] | None = None, num_samples: int | None = None) -> None:
+    def __init__(
+        self,
+        train_shards: str | list[str] | None = None,
+        num_samples: int | None = None,
+        allow_short_shards: bool = False,
+    ) -> None:
         if train_shards is None:
             raise ValueError(
                 "data.source=webdataset needs data.train_shards, e.g. /data/coco/{00000..00231}.tar"
             )
         self.urls = expand_urls(train_shards)
+        # an empty shard beside good ones would make the good ones train again: refused before any model is built
+        check_empty_shards(self.urls, shard_sizes(self.urls), allow=bool(allow_short_shards))
         self.num_samples = num_samples
         self._size: int | None = None
 
@@ -243,7 +243,8 @@ class WebDatasetSource(PairSource):
 
 class CsvSource(_MapSource):
     """A CSV / TSV of (``image_col``: image path, relative to the file's folder unless absolute; ``caption_col``)
-    rows, one sample per row. Checked at construction: the file exists and has both columns."""
+    rows, one sample per row. Checked at construction: the file exists, has both columns, and one of its first
+    rows' images opens."""
 
     kind = "csv"
     reads = ("train_csv", "image_col", "caption_col")
@@ -258,6 +259,7 @@ class CsvSource(_MapSource):
         self.train_csv, self.image_col, self.caption_col = train_csv, image_col, caption_col
         self.path = Path(str(train_csv))
         self._rows: list[tuple[str, str]] | None = None
+        check_some_image_opens(self.path, self.rows)  # wrong image paths fail here, before any model is built
 
     @property
     def rows(self) -> list[tuple[str, str]]:
@@ -374,6 +376,7 @@ SOURCE_KEYS = (
     "num_samples",
     "synthetic_image_size",
     "seed",
+    "allow_short_shards",
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -86,6 +87,46 @@ def count_samples(urls: list[str], num_samples: int | None = None) -> int:
         f"cannot tell how many samples {urls[0]}... hold: no sizes.json or img2dataset *_stats.json next to the "
         f"shards. Set data.num_samples=N (the total number of pairs) or write sizes.json with `alignkit make-shards`"
     )
+
+
+def _is_empty_tar(url: str) -> bool:
+    """A local shard with no member: a 0-byte file or a tar that ends at once (reads one header, not the shard)."""
+    if "://" in url or url.startswith("pipe:"):
+        return False  # remote shards are not opened here; the loader names them if they turn out short
+    try:
+        with tarfile.open(url, mode="r:") as tar:
+            return tar.next() is None
+    except tarfile.ReadError:
+        return True  # "empty file" (0 bytes) or no tar header at all: it holds no sample
+
+
+def check_empty_shards(urls: list[str], sizes: list[int] | None, allow: bool = False) -> list[str]:
+    """The local shards that hold no sample although the epoch counts samples for them (``sizes.json`` / stats;
+    every shard when the counts are unknown). The exact-mode plan fills their positions with spare samples of the
+    other shards, so each good sample is trained ``claimed / delivered`` times per epoch. Raises naming them, the
+    repetition and the fix, unless ``allow`` (``data.allow_short_shards=true``): then one WARNING says the same."""
+    claimed = sizes if sizes is not None else [None] * len(urls)
+    empty = [(u, n) for u, n in zip(urls, claimed, strict=True) if n != 0 and _is_empty_tar(u)]
+    if not empty:
+        return []
+    names = [u for u, _ in empty]
+    shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+    if sizes is not None:
+        total, lost = sum(sizes), sum(n for _, n in empty)
+        rep = f"{total / (total - lost):.2f}x" if total > lost else "infinite (no shard holds a sample)"
+        effect = (
+            f"sizes.json counts {lost} of {total} samples in them, so every good sample would train {rep}"
+        )
+    else:
+        effect = "their share of each epoch would be drawn again from the other shards"
+    msg = f"{len(names)} empty shard(s): {shown}; {effect} per epoch"
+    if not allow or (sizes is not None and total <= lost):
+        raise ValueError(
+            f"{msg}. Remove or rebuild them (and their sizes.json entries, e.g. with `alignkit make-shards`), or "
+            "set data.allow_short_shards=true to train on the rest with that repetition"
+        )
+    log.warning("%s (data.allow_short_shards=true)", msg)
+    return names
 
 
 def iter_shard_samples(urls: Sequence[str]) -> Iterator[tuple[str, str, dict]]:
