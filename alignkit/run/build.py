@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
+from alignkit.core.status import ReportsStatus, RunStatus
 from alignkit.data.batch_plan import BatchPlan
 from alignkit.modules.base import TrainingModule
 from alignkit.run import cluster  # also registers the ${ak_slurm:...} / ${ak_sweep_id:} resolvers
@@ -97,6 +98,7 @@ class Run:
     loggers: list[Logger] = field(default_factory=list)
     found: dict[str, Any] = field(default_factory=dict)  # what data preparation found (selected layers, dims)
     plan: BatchPlan | None = None
+    status: RunStatus = field(default_factory=RunStatus)  # what the callbacks report (alignkit.core.status)
 
 
 def build_loggers(cfg: DictConfig) -> list[Logger]:
@@ -190,10 +192,14 @@ def build_run(
     cluster.check_trainer_matches_slurm(cfg.trainer)
     cbs = [*build_callbacks(cfg), RunIdentity(run_identity(cfg))] if callbacks else []
     cbs += list(extra_callbacks)
+    status = RunStatus()  # one per run: every callback that reports or reads it gets this one
+    for cb in cbs:
+        if isinstance(cb, ReportsStatus):
+            cb.attach_status(status)
     lgs = build_loggers(cfg) if loggers else []
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=cbs, logger=lgs or False)
     plan = None
     if prepare:
         plan = plan_batches(data, trainer, cfg.epochs)
         apply_plan(plan, module, trainer)
-    return Run(cfg, run_dir, data, encoder, module, trainer, cbs, lgs, found, plan)
+    return Run(cfg, run_dir, data, encoder, module, trainer, cbs, lgs, found, plan, status)
