@@ -14,7 +14,8 @@ Requeue has exactly one owner (see docs/distributed.md):
   saves at the batch boundary and stops training; once the run has wound down (every callback's hooks for that
   batch, loggers finalised, the run summary written) it calls submitit's handler, which dumps the job, runs
   ``scontrol requeue`` and exits the process. ``alignkit.run.train`` makes that call itself after writing the
-  summary (:meth:`PreemptionCheckpoint.hand_over`); elsewhere it happens in this callback's ``teardown``.
+  summary (through the run status, :meth:`alignkit.core.status.RunStatus.hand_over`); elsewhere it happens in this
+  callback's ``teardown``.
 * SIGTERM (scancel, the scheduler's own preemption, the end of the time limit) only saves: a user's ``scancel``
   must not come back, and a scheduler that preempts with requeue brings the job back by itself.
 
