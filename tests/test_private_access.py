@@ -27,7 +27,6 @@ ALLOWED = {
         "alignkit/callbacks/checkpoint.py",
         "super()._save_none_monitor_checkpoint(trainer, monitor_candidates)",
     ),
-    ("alignkit/run/build.py", "fit_loop.epoch_loop"),
     # torch's SummaryWriter (TensorBoardLogger.experiment): its only way to add a raw hparams summary
     ("alignkit/run/loggers.py", "lg.experiment._get_file_writer()"),
 }

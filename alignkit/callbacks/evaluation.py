@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from alignkit.core.status import RunStatus
 from alignkit.data.evalsets import EvalSet
 from alignkit.eval.recorder import FIRST_EMBEDDINGS_FILE, EvalRecorder, build_evalsets, headline
 
@@ -64,6 +65,12 @@ class EvaluationCallback(Callback):
         self.every_n_steps, self.at_start, self.at_end = every_n_steps, at_start, at_end
         self.output_dir = Path(output_dir) if output_dir else None
         self._last_step: int | None = None
+        # Read at the end: was the run stopped by a signal? (build_run attaches the run's status.)
+        self.status = RunStatus()
+
+    def attach_status(self, status: RunStatus) -> None:
+        """Read the run's status (from :func:`alignkit.run.build.build_run`), which the preemption callback fills."""
+        self.status = status
 
     @property
     def evalsets(self) -> dict[str, EvalSet]:
@@ -108,11 +115,11 @@ class EvaluationCallback(Callback):
             return
         # A run stopped by a signal (preemption callback) is not at its end: no "final" evaluation (the grace
         # time before the kill is short) and the report says it is interrupted.
-        stopper = next((c for c in trainer.callbacks if getattr(c, "preempted", False)), None)
-        if self.at_end and stopper is None and trainer.global_step != self._last_step:
+        stopped = self.status.preempted
+        if self.at_end and not stopped and trainer.global_step != self._last_step:
             self.evaluate(trainer, pl_module)
         if trainer.is_global_zero:
-            by = None if stopper is None else (getattr(stopper, "received_name", None) or "a signal")
+            by = (self.status.interrupted_by or "a signal") if stopped else None
             self.write_report(trainer, interrupted_by=by)
 
     # ----- work -----

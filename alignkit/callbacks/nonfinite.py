@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from alignkit.core.status import RunStatus
+
 log = logging.getLogger(__name__)
 
 
@@ -79,12 +81,21 @@ class NonFiniteGuard(Callback):
             )
         self.action, self.max_consecutive_skips = action, max_consecutive_skips
         self.max_skip_fraction = max_skip_fraction
-        self.skipped_steps = 0
+        self.status = RunStatus()  # skipped steps are reported here (build_run attaches the run's status)
         self._in_a_row = 0
         self._first_bad: torch.Tensor | None = None  # device-side: first non-finite step, -1 while none
         self._bad_terms: dict[str, torch.Tensor] = {}
         self._epochs: dict[int, int] = {}
         self._checked_at = -1
+
+    def attach_status(self, status: RunStatus) -> None:
+        """Report skipped steps into ``status`` (the run's, from :func:`alignkit.run.build.build_run`)."""
+        self.status = status
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped so far (``action=skip``), as reported into the run status."""
+        return self.status.skipped_steps
 
     # ----- action=stop: decided on the device, read at log steps, checkpoints and the end of training -----
     def _watch_on_device(
@@ -190,7 +201,7 @@ class NonFiniteGuard(Callback):
             )
         for p in params:
             p.grad = None  # torch optimizers skip parameters without a gradient: no update, no state change
-        self.skipped_steps += 1
+        self.status.skipped_steps += 1
         log.warning(
             "skipping %s: non-finite gradient (%d skipped so far); non-finite loss terms: %s",
             where,

@@ -14,7 +14,8 @@ Requeue has exactly one owner (see docs/distributed.md):
   saves at the batch boundary and stops training; once the run has wound down (every callback's hooks for that
   batch, loggers finalised, the run summary written) it calls submitit's handler, which dumps the job, runs
   ``scontrol requeue`` and exits the process. ``alignkit.run.train`` makes that call itself after writing the
-  summary (:meth:`PreemptionCheckpoint.hand_over`); elsewhere it happens in this callback's ``teardown``.
+  summary (through the run status, :meth:`alignkit.core.status.RunStatus.hand_over`); elsewhere it happens in this
+  callback's ``teardown``.
 * SIGTERM (scancel, the scheduler's own preemption, the end of the time limit) only saves: a user's ``scancel``
   must not come back, and a scheduler that preempts with requeue brings the job back by itself.
 
@@ -38,6 +39,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from alignkit.core.status import RunStatus
 
 log = logging.getLogger(__name__)
 REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
@@ -75,15 +78,18 @@ class PreemptionCheckpoint(Callback):
         self.signals = [getattr(signal, s) if isinstance(s, str) else signal.Signals(s) for s in signals]
         self.requeue, self.dirpath, self.save_rng = requeue, dirpath, save_rng
         self.received: int | None = None
-        self.preempted = False
-        self.requeued = False  # True once scontrol requeue succeeded or submitit's handler is due
-        self.received_name: str | None = None  # the signal that stopped the run
+        # What the run reports (preempted, the signal's name, requeued, the pending hand-over): build_run attaches
+        # the run's one status; a callback used on its own keeps its own.
+        self.status = RunStatus()
         self._previous: dict[int, Any] = {}
         self._original: dict[int, Any] = {}  # kept after teardown (see setup)
         self._pid = os.getpid()
         self._rng_to_restore: list | None = None
         self._pending: tuple[Any, int] | None = None  # (submitit's handler, signal) once preempted
-        self.defer_handover = False  # True: the caller runs hand_over() after fit (alignkit.run.train does)
+
+    def attach_status(self, status: RunStatus) -> None:
+        """Report into ``status`` (the run's, from :func:`alignkit.run.build.build_run`)."""
+        self.status = status
 
     # ----- signals -----
     def _handler(self, signum: int, frame: Any) -> None:
@@ -130,8 +136,9 @@ class PreemptionCheckpoint(Callback):
                 if signal.getsignal(s) == self._handler and h is not None:
                     signal.signal(s, h)
         self._previous = {}
-        if not self.defer_handover:
-            self.hand_over()
+        # Deferred: the caller hands over itself (alignkit.run.train, after writing the summary).
+        if not self.status.defer_handover:
+            self.status.hand_over()
 
     def hand_over(self) -> None:
         """Call the requeue owner's handler (submitit's: requeue + ``sys.exit``) if preemption chose to chain.
@@ -176,8 +183,7 @@ class PreemptionCheckpoint(Callback):
         for cb in trainer.checkpoint_callbacks:  # RunCheckpoint: no second save of this step after the stop
             if callable(getattr(cb, "mark_saved_elsewhere", None)):
                 cb.mark_saved_elsewhere(trainer.global_step)
-        self.preempted = True
-        self.received_name = signal.Signals(signum).name
+        self.status.record_stop(signal.Signals(signum).name)
         trainer.should_stop = True
         if signum in REQUEUE_SIGNALS_NUM:
             self._requeue(trainer, signum)
@@ -204,7 +210,8 @@ class PreemptionCheckpoint(Callback):
                     f"requeue=chain but no handler was installed for {signal.Signals(signum).name}"
                 )
             self._pending = (previous, signum)  # called once the run has wound down (hand_over)
-            self.requeued = True
+            self.status.handover = self.hand_over
+            self.status.requeued = True
         elif mode == "scontrol" and trainer.is_global_zero:
             job = slurm_job_id()
             if job is None or not re.fullmatch(r"[0-9_]+", job):
@@ -212,9 +219,9 @@ class PreemptionCheckpoint(Callback):
                 return
             rc = subprocess.call(["scontrol", "requeue", job])
             (log.warning if rc == 0 else log.error)("scontrol requeue %s -> exit code %d", job, rc)
-            self.requeued = rc == 0
+            self.status.requeued = rc == 0
         elif mode == "scontrol":
-            self.requeued = True  # rank 0 runs scontrol for the job
+            self.status.requeued = True  # rank 0 runs scontrol for the job
 
     # ----- RNG state in the checkpoint -----
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:

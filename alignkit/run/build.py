@@ -4,7 +4,8 @@
 their objects, so all of them see the same module, the same trainer and the same steps per epoch. Order matters
 and is the training entry's: data first (a bad path fails before any model is built), then the encoder, the data
 node's preparation (the model's preprocessing; the frozen-encoder workflow's feature extraction and layer selection,
-whose findings size the module), the module, the trainer, and last the batch plan.
+whose findings size the module), the module, the batch plan (its step count goes to the trainer's constructor)
+and last the trainer.
 
 What the builder relies on is written down as protocols, named after the methods the nodes already have:
 :class:`DataNode` (every training data node), :class:`TakesPreprocessing` (image-text nodes),
@@ -26,6 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
+from alignkit.core.status import ReportsStatus, RunStatus
 from alignkit.data.batch_plan import BatchPlan
 from alignkit.modules.base import TrainingModule
 from alignkit.run import cluster  # also registers the ${ak_slurm:...} / ${ak_sweep_id:} resolvers
@@ -97,6 +99,7 @@ class Run:
     loggers: list[Logger] = field(default_factory=list)
     found: dict[str, Any] = field(default_factory=dict)  # what data preparation found (selected layers, dims)
     plan: BatchPlan | None = None
+    status: RunStatus = field(default_factory=RunStatus)  # what the callbacks report (alignkit.core.status)
 
 
 def build_loggers(cfg: DictConfig) -> list[Logger]:
@@ -130,25 +133,46 @@ def prepare_data(data: DataNode, encoder: Encoder, run_dir: Path) -> dict[str, A
     return {}
 
 
-def plan_batches(data: DataNode, trainer: L.Trainer, epochs: int) -> BatchPlan:
-    """The run's batch plan: the data node's epoch for the trainer's world size and accumulation."""
-    world = trainer.world_size  # devices per node × nodes (Lightning sets it when the strategy is built)
+def plan_batches(data: DataNode, trainer_cfg: DictConfig, epochs: int) -> BatchPlan:
+    """The run's batch plan: the data node's epoch for the trainer config's world size and accumulation.
+
+    Planned before the Trainer is built, so that ``max_steps`` goes to its constructor: the world size is resolved
+    from the config as Lightning will (:func:`alignkit.run.cluster.planned_world_size`), and :func:`check_plan`
+    holds the built Trainer to it."""
+    world = cluster.planned_world_size(trainer_cfg)
     return BatchPlan(
         per_device=int(data.batch_size),
         world_size=world,
-        accumulation=trainer.accumulate_grad_batches,
+        accumulation=int(trainer_cfg.get("accumulate_grad_batches", 1) or 1),
         samples=data.dataset_size(),
         steps_per_epoch=data.steps_per_epoch(world),
         epochs=int(epochs),
     )
 
 
+def planned_max_steps(plan: BatchPlan | None, trainer_cfg: DictConfig) -> dict[str, int]:
+    """The Trainer's ``max_steps`` keyword: an unset one (``-1``) becomes the plan's optimizer steps (a step-based
+    schedule: one epoch = steps_per_epoch loader batches per rank; the loader ends the epoch)."""
+    if plan is None or int(trainer_cfg.get("max_steps", -1)) != -1:
+        return {}
+    return {"max_steps": plan.optimizer_steps}
+
+
+def check_plan(plan: BatchPlan, trainer: L.Trainer) -> None:
+    """Fail when the built Trainer's world size or accumulation differs from what the plan assumed."""
+    built = (trainer.world_size, trainer.accumulate_grad_batches)
+    if built != (plan.world_size, plan.accumulation):
+        raise RuntimeError(
+            f"the batch plan assumed world size {plan.world_size} and accumulation {plan.accumulation} from the "
+            f"trainer config, but the Trainer runs world size {built[0]} and accumulation {built[1]}: set "
+            "trainer.devices / trainer.num_nodes / trainer.accumulate_grad_batches explicitly (or trainer.max_steps)"
+        )
+
+
 def apply_plan(plan: BatchPlan, module: TrainingModule, trainer: L.Trainer) -> None:
-    """The module logs the plan's batch sizes; an unset ``trainer.max_steps`` becomes the plan's step count."""
+    """Check the plan against the built Trainer; the module logs the plan's batch sizes."""
+    check_plan(plan, trainer)
     module.batch_plan = plan
-    # Step-based schedule: one epoch = steps_per_epoch loader batches per rank (the loader ends the epoch).
-    if trainer.max_steps == -1:
-        trainer.fit_loop.epoch_loop.max_steps = plan.optimizer_steps
     log.info(
         "%d samples, per-device batch %d, world %d, accumulation %d -> %d steps/epoch, %d optimizer steps",
         plan.samples,
@@ -190,10 +214,15 @@ def build_run(
     cluster.check_trainer_matches_slurm(cfg.trainer)
     cbs = [*build_callbacks(cfg), RunIdentity(run_identity(cfg))] if callbacks else []
     cbs += list(extra_callbacks)
+    status = RunStatus()  # one per run: every callback that reports or reads it gets this one
+    for cb in cbs:
+        if isinstance(cb, ReportsStatus):
+            cb.attach_status(status)
     lgs = build_loggers(cfg) if loggers else []
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=cbs, logger=lgs or False)
-    plan = None
-    if prepare:
-        plan = plan_batches(data, trainer, cfg.epochs)
+    plan = plan_batches(data, cfg.trainer, cfg.epochs) if prepare else None
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=cbs, logger=lgs or False, **planned_max_steps(plan, cfg.trainer)
+    )
+    if plan is not None:
         apply_plan(plan, module, trainer)
-    return Run(cfg, run_dir, data, encoder, module, trainer, cbs, lgs, found, plan)
+    return Run(cfg, run_dir, data, encoder, module, trainer, cbs, lgs, found, plan, status)

@@ -106,6 +106,40 @@ def check_trainer_matches_slurm(trainer_cfg: DictConfig | dict) -> None:
         raise ValueError("trainer preset disagrees with the SLURM allocation:\n  " + "\n  ".join(problems))
 
 
+def planned_world_size(trainer_cfg: DictConfig | dict) -> int:
+    """Processes taking part in one step (devices per node × nodes), resolved from the trainer config before the
+    Trainer exists, so the batch plan (and ``max_steps``) can be passed to its constructor.
+
+    Resolved the way Lightning's Trainer does (2.6.6 checked): ``accelerator="auto"`` picks MPS, then CUDA, else
+    CPU (``"gpu"``: MPS, else CUDA); ``devices="auto"`` is the accelerator's ``auto_device_count()``, anything else
+    its ``parse_devices`` → ``get_parallel_devices``; a parallel strategy's world size is ``num_nodes`` × that device
+    count (``ParallelStrategy.world_size``). Under SLURM, ``devices`` / ``num_nodes`` come from the allocation
+    through the ``${ak_slurm:...}`` resolver and :func:`check_trainer_matches_slurm` holds them to it.
+    ``alignkit.run.build`` checks the answer against the built Trainer's ``world_size``.
+    """
+    from lightning.pytorch.accelerators import AcceleratorRegistry, CUDAAccelerator, MPSAccelerator
+
+    flag = trainer_cfg.get("accelerator", "auto") or "auto"
+    if not isinstance(flag, str):  # an Accelerator instance
+        accelerator = flag
+    else:
+        name = flag.lower()
+        if name in ("auto", "gpu"):
+            if MPSAccelerator.is_available():
+                name = "mps"
+            elif CUDAAccelerator.is_available():
+                name = "cuda"
+            else:
+                name = "cpu"  # "gpu" without one: the Trainer itself refuses, naming the problem
+        accelerator = AcceleratorRegistry.get(name)
+    devices = trainer_cfg.get("devices", "auto")
+    if devices == "auto":
+        count = accelerator.auto_device_count()
+    else:
+        count = len(accelerator.get_parallel_devices(accelerator.parse_devices(devices)))
+    return max(1, count) * int(trainer_cfg.get("num_nodes", 1) or 1)
+
+
 def trainer_plugins() -> list:
     """Atomic checkpoint I/O, plus SLURMEnvironment(auto_requeue=False) inside a SLURM job."""
     from lightning.fabric.plugins.environments import SLURMEnvironment

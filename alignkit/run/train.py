@@ -119,9 +119,8 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, Any]:
     save_run_files(cfg, run_dir)
     if ckpt is not None:
         check_checkpoint_compatible(ckpt, module, cfg)
-    handovers = [c for c in trainer.callbacks if hasattr(c, "hand_over")]
-    for c in handovers:
-        c.defer_handover = True  # submitit's requeue handler exits: call it after the summary is written
+    status = run.status  # what the callbacks report (preempted, signal, requeued, skipped steps, hand-over)
+    status.defer_handover = True  # submitit's requeue handler exits: call it after the summary is written
     # The resolved config as flat hyperparameters (optimizer.lr, ...): in the checkpoints' hyper_parameters, the
     # wandb config and hparams.yaml now, TensorBoard's hparams view with the final metrics at the end.
     hparams = flat_hparams(OmegaConf.to_container(cfg, resolve=True))
@@ -129,8 +128,7 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, Any]:
     if trainer.is_global_zero:
         log_run_config(trainer.loggers, hparams)
     trainer.fit(module, datamodule=run.data, ckpt_path=ckpt)
-    stopper = next((c for c in trainer.callbacks if getattr(c, "preempted", False)), None)
-    preempted = stopper is not None
+    preempted = status.preempted
 
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -141,9 +139,9 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, Any]:
         # interrupted: stopped by a signal before the end; requeued: the scheduler will run it again. An
         # interrupted run that nobody requeues exits non-zero (main) so a wrapper knows it did not finish.
         "interrupted": preempted,
-        "interrupted_by": getattr(stopper, "received_name", None),
-        "requeued": bool(getattr(stopper, "requeued", False)),
-        "nonfinite_skipped_steps": sum(getattr(c, "skipped_steps", 0) for c in trainer.callbacks),
+        "interrupted_by": status.interrupted_by,
+        "requeued": status.requeued,
+        "nonfinite_skipped_steps": status.skipped_steps,
     }
     if trainer.is_global_zero and trainer.loggers:
         log_final_metrics(trainer.loggers, hparams, summary["metrics"], trainer.global_step)
@@ -152,8 +150,7 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, Any]:
     finish_loggers(trainer)
     if preempted:  # last.ckpt is written; the requeued job resumes it (no export of a half-trained model)
         save_run_files(cfg, run_dir, summary)
-        for c in handovers:
-            c.hand_over()  # submitit path: requeue and exit here
+        status.hand_over()  # submitit path: requeue and exit here
         return summary
     if cfg.get("export") and trainer.is_global_zero:
         check_finite_weights(module)
