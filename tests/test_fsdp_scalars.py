@@ -3,7 +3,6 @@
 Lightning's FSDPStrategy refuses a CPU accelerator, so this wraps the module with PyTorch's FSDP directly, on gloo in
 one CPU process (FSDP runs NO_SHARD there; the scalar check that failed on the GPU runs all the same)."""
 
-import os
 
 import pytest
 import torch
@@ -21,8 +20,11 @@ from alignkit.modules.scalar_params import demote_in_state_dict
 
 
 @pytest.fixture
-def gloo_group():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+def gloo_group(monkeypatch):
+    # monkeypatch, not os.environ: a MASTER_PORT left in the pytest process leaks into every later subprocess
+    # (a SLURM job inheriting it tried to listen on this test's port)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     dist.destroy_process_group()

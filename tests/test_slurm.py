@@ -53,6 +53,9 @@ def _env(tmp_path: Path) -> dict[str, str]:
         WANDB_MODE="offline",
     )
     env.pop("ALIGNKIT_SWEEP_ID", None)
+    # the job's rendezvous comes from SLURM (Lightning's SLURMEnvironment), never from whatever this process holds
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"):
+        env.pop(key, None)
     return env
 
 
