@@ -3,7 +3,6 @@
 Lightning's FSDPStrategy refuses a CPU accelerator, so this wraps the module with PyTorch's FSDP directly, on gloo in
 one CPU process (FSDP runs NO_SHARD there; the scalar check that failed on the GPU runs all the same)."""
 
-
 import pytest
 import torch
 import torch.distributed as dist
