@@ -91,7 +91,9 @@ def test_step_checkpoints_are_pruned_to_save_top_k_by_step(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "other.ckpt", "step0000006-v1.ckpt"]
 
 
-def test_resume_refuses_a_changed_architecture_option(tmp_path, tiny_encoder):
+@pytest.mark.parametrize("layout", ["schema1", "unversioned"])
+def test_resume_refuses_a_changed_architecture_option(tmp_path, tiny_encoder, layout):
+    from alignkit.core.checkpoint import run_section
     from alignkit.losses import InfoNCE
     from alignkit.modules.clip_refine import AlignModule
     from alignkit.run.checkpointing import check_checkpoint_compatible, run_identity
@@ -100,7 +102,12 @@ def test_resume_refuses_a_changed_architecture_option(tmp_path, tiny_encoder):
     saved_cfg = compose_train(["+experiment=smoke"], tmp_path)
     sd = {f"model.{k}": v for k, v in module.model.state_dict().items()}
     path = tmp_path / "run.ckpt"
-    torch.save({"state_dict": sd, "alignkit_run": run_identity(saved_cfg)}, path)
+    identity = run_identity(
+        saved_cfg
+    )  # the unversioned layout: the bare identity dict of earlier checkpoints
+    torch.save(
+        {"state_dict": sd, "alignkit_run": run_section(identity) if layout == "schema1" else identity}, path
+    )
     check_checkpoint_compatible(path, module, saved_cfg)  # the same settings resume
     moved = compose_train(["+experiment=smoke", "encoder.cache_dir=/elsewhere"], tmp_path)
     check_checkpoint_compatible(path, module, moved)  # a cache location is not the architecture

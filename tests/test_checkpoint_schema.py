@@ -185,3 +185,55 @@ def test_a_run_directory_resolves_to_last_or_the_newest_intact_step(tmp_path):
     last = _save(ckpt, tmp_path)
     assert resolve_checkpoint(tmp_path) == last
     assert resolve_checkpoint(newest) == newest  # a file as it is
+
+
+def test_run_and_rng_sections_carry_the_schema_and_their_old_layouts_still_read():
+    from types import SimpleNamespace
+
+    from alignkit.callbacks.preemption import PreemptionCheckpoint
+    from alignkit.core.checkpoint import SCHEMA_VERSION, read_rng_section, read_run_section
+    from alignkit.run.checkpointing import RunIdentity
+
+    identity = {"task_name": "t", "encoder": {"model": "m"}, "loss": "l"}
+    ckpt: dict = {}
+    RunIdentity(identity).on_save_checkpoint(None, None, ckpt)
+    PreemptionCheckpoint().on_save_checkpoint(SimpleNamespace(world_size=1), None, ckpt)
+    assert ckpt["alignkit_run"] == {"schema": SCHEMA_VERSION, **identity}
+    assert ckpt["alignkit_rng"]["schema"] == SCHEMA_VERSION and len(ckpt["alignkit_rng"]["ranks"]) == 1
+    assert read_run_section(ckpt) == identity
+    states = read_rng_section(ckpt)
+    assert torch.equal(states[0]["torch"], torch.get_rng_state())  # saved now: the process's current state
+
+    # the layouts before the schema number: the bare identity dict and the bare list of per-rank states
+    old = {"alignkit_run": dict(identity), "alignkit_rng": list(states)}
+    assert read_run_section(old) == identity and read_rng_section(old) == states
+    for ck in (ckpt, old):  # both restore the RNG on resume
+        cb = PreemptionCheckpoint()
+        cb.on_load_checkpoint(SimpleNamespace(world_size=1), None, ck)
+        assert cb._rng_to_restore is not None and torch.equal(
+            cb._rng_to_restore[0]["torch"], states[0]["torch"]
+        )
+    assert read_run_section({}) is None and read_rng_section({}) is None
+
+
+@pytest.mark.parametrize(
+    "key, section, problem",
+    [
+        ("alignkit_run", {"schema": 2, "task_name": "t"}, r"checkpoint\['alignkit_run'\] has schema 2"),
+        ("alignkit_run", ["t"], r"checkpoint\['alignkit_run'\] is a list, not a dict"),
+        ("alignkit_rng", {"schema": 2, "ranks": []}, r"checkpoint\['alignkit_rng'\] has schema 2"),
+        ("alignkit_rng", {"torch": 1}, r"neither a list of per-rank states nor a dict with 'ranks'"),
+    ],
+)
+def test_a_run_or_rng_section_of_another_schema_is_refused_naming_the_fix(key, section, problem, tmp_path):
+    from alignkit.core.checkpoint import read_rng_section, read_run_section
+
+    read = read_run_section if key == "alignkit_run" else read_rng_section
+    with pytest.raises(ValueError, match=problem) as e:
+        read({key: section}, "c.ckpt")
+    assert e.match(r"alignkit version that wrote it, or start fresh \(ckpt_path=null\)")
+    # the resume guard reads the run section through it
+    if key == "alignkit_run":
+        path = _save({"state_dict": {}, key: section}, tmp_path)
+        with pytest.raises(ValueError, match=problem):
+            check_checkpoint_compatible(path, torch.nn.Linear(1, 1), OmegaConf.create({}))

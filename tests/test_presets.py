@@ -73,3 +73,57 @@ def test_slurm_launcher_presets_compose(launcher):
     launcher_cfg = cfg.hydra.launcher
     assert launcher_cfg.partition == "gpu" and launcher_cfg.max_num_timeout > 0
     assert launcher_cfg.signal_delay_s < launcher_cfg.timeout_min * 60
+
+
+def _in_slurm(monkeypatch):
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    monkeypatch.setenv("SLURM_NODELIST", "localhost")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+
+
+@pytest.mark.parametrize(
+    "plugins, owners",
+    [
+        ("default", 1),  # the preset switches Lightning's requeue off: alignkit's callback is the one owner
+        ("none", 2),  # no ClusterEnvironment given: Lightning detects SLURM with auto_requeue=True
+        ("lightning_requeue", 2),  # a user's SLURMEnvironment() left at its default
+    ],
+)
+def test_build_refuses_two_requeue_owners_under_slurm(plugins, owners, monkeypatch, tmp_path):
+    from alignkit.run.build import build_run
+
+    _in_slurm(monkeypatch)
+    slurm_env = "{_target_: lightning.fabric.plugins.environments.SLURMEnvironment}"
+    override = {
+        "default": [],
+        "none": ["trainer.plugins=null"],
+        "lightning_requeue": ["~trainer.plugins", f"+trainer.plugins=[{slurm_env}]"],
+    }[plugins]
+    cfg = compose_train(
+        [
+            "+experiment=smoke",
+            f"paths.output_dir={tmp_path}",
+            "trainer.devices=1",
+            "trainer.num_nodes=1",
+            *override,
+        ]
+    )
+    if owners == 1:
+        run = build_run(cfg, prepare=False, loggers=False)
+        assert run.trainer.strategy is not None
+    else:
+        with pytest.raises(ValueError, match="two requeue owners"):
+            build_run(cfg, prepare=False, loggers=False)
+        # a run without alignkit's requeue (callbacks.preemption.requeue=none) may keep Lightning's
+        cfg = compose_train(
+            [
+                "+experiment=smoke",
+                f"paths.output_dir={tmp_path}",
+                "trainer.devices=1",
+                "trainer.num_nodes=1",
+                *override,
+                "callbacks.preemption.requeue=none",
+            ]
+        )
+        build_run(cfg, prepare=False, loggers=False)

@@ -15,7 +15,6 @@ PATTERN = re.compile(
     r"|\._experiment\b|_signal_connector|_accelerator_connector|fit_loop\.epoch_loop"
 )
 ALLOWED = {
-    ("alignkit/callbacks/preemption.py", "trainer._accelerator_connector.cluster_environment"),
     ("alignkit/callbacks/checkpoint.py", "trainer.global_step != self._last_global_step_saved"),
     (
         "alignkit/callbacks/checkpoint.py",
@@ -27,8 +26,6 @@ ALLOWED = {
         "alignkit/callbacks/checkpoint.py",
         "super()._save_none_monitor_checkpoint(trainer, monitor_candidates)",
     ),
-    # torch's SummaryWriter (TensorBoardLogger.experiment): its only way to add a raw hparams summary
-    ("alignkit/run/loggers.py", "lg.experiment._get_file_writer()"),
 }
 
 

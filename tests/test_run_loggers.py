@@ -93,3 +93,21 @@ def test_two_step_smoke_one_checkpoint_and_hparams_in_loggers(tmp_path, monkeypa
     # the run records where the loggers wrote
     assert set(summary["loggers"]) == {"wandb", "TensorBoardLogger", "CSVLogger"}
     assert "## Loggers" in (run / "report.md").read_text()
+
+
+@pytest.mark.parametrize("closed", [False, True])
+def test_final_metrics_reach_tensorboards_hparams_view_even_after_the_writer_closed(tmp_path, closed):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from alignkit.run.loggers import log_final_metrics
+
+    lg = TensorBoardLogger(str(tmp_path), name="", version="")
+    if closed:
+        lg.experiment.close()  # as after Lightning's teardown: SummaryWriter.file_writer is None then
+    log_final_metrics(
+        [lg], {"optimizer.lr": 0.5, "seed": 3}, {"val/zs/x/top1": 0.25, "train/loss": 1.0}, step=7
+    )
+    lg.experiment.flush()
+    hp, metric_tags = _tensorboard_hparams(tmp_path)
+    assert hp == {"optimizer.lr": 0.5, "seed": 3}
+    assert metric_tags == {"val/zs/x/top1"}  # only val/* metrics, by name

@@ -9,7 +9,8 @@ Requeue has exactly one owner (see docs/distributed.md):
 
 * ``sbatch`` (``scripts/slurm/train.sbatch``): this callback runs ``scontrol requeue`` on SIGUSR1 (sent by
   ``#SBATCH --signal=USR1@N`` or ``scancel -s USR1``). Lightning's own SLURM auto-requeue is switched off
-  (:func:`alignkit.run.cluster.trainer_plugins`), and this callback refuses to start if it is on.
+  (:func:`alignkit.run.cluster.trainer_plugins`), and :func:`alignkit.run.build.build_run` refuses to start
+  a run where it would be on (:func:`alignkit.run.cluster.check_one_requeue_owner`).
 * Hydra's submitit launcher: submitit owns the requeue (its SIGUSR2 handler). This callback intercepts SIGUSR2,
   saves at the batch boundary and stops training; once the run has wound down (every callback's hooks for that
   batch, loggers finalised, the run summary written) it calls submitit's handler, which dumps the job, runs
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from alignkit.core.checkpoint import RNG_SECTION, read_rng_section, rng_section
 from alignkit.core.status import RunStatus
 
 log = logging.getLogger(__name__)
@@ -106,17 +108,6 @@ class PreemptionCheckpoint(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning.fabric.plugins.environments import SLURMEnvironment
-
-        # Lightning 2.6.6 checked: the cluster environment of a single-device strategy is only on the (private)
-        # accelerator connector; no public accessor (allowlisted in tests/test_private_access.py).
-        env = trainer._accelerator_connector.cluster_environment
-        if isinstance(env, SLURMEnvironment) and env.auto_requeue and self.requeue != "none":
-            raise ValueError(
-                "two requeue owners: Lightning's SLURMEnvironment(auto_requeue=True) and alignkit's "
-                "PreemptionCheckpoint. Keep the trainer preset's plugins (alignkit.run.cluster.trainer_plugins switches "
-                "Lightning's off) or set callbacks.preemption.requeue=none"
-            )
         self._pid = os.getpid()
         if threading.current_thread() is not threading.main_thread():
             log.warning("not on the main thread: no preemption signal handlers installed")
@@ -233,10 +224,10 @@ class PreemptionCheckpoint(Callback):
             torch.distributed.all_gather_object(states, state)
         else:
             states = [state]
-        checkpoint.setdefault("alignkit_rng", states)
+        checkpoint.setdefault(RNG_SECTION, rng_section(states))
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        states = checkpoint.get("alignkit_rng")
+        states = read_rng_section(checkpoint)
         if self.save_rng and states and len(states) == trainer.world_size:
             self._rng_to_restore = states
 

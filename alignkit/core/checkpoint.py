@@ -11,6 +11,10 @@ resume guard) is :mod:`alignkit.run.checkpointing` and :mod:`alignkit.run.resume
 * The model's spec: ``checkpoint["alignkit"]`` is :meth:`AlignkitSpec.section` (schema 1: workflow, what rebuilds
   the model for eval / export, teacher), written by the training modules' ``on_save_checkpoint`` and read only
   through :func:`read_alignkit_spec`, which also reads the two unversioned layouts of older checkpoints.
+* The run's two other sections carry the same schema number: ``checkpoint["alignkit_run"]`` (the run identity the
+  resume guard compares: :func:`run_section` / :func:`read_run_section`) and ``checkpoint["alignkit_rng"]`` (every
+  rank's RNG states: :func:`rng_section` / :func:`read_rng_section`). Their unversioned layouts (before schema 1)
+  are still read; any other schema is refused, naming the fix.
 """
 
 from __future__ import annotations
@@ -229,6 +233,63 @@ class AlignkitSpec:
         }
 
 
+_SCHEMA_FIX = (
+    "Read it with the alignkit version that wrote it (and export it there: alignkit export), or pass the "
+    "architecture yourself (eval.py model.name=ARCH; export to OUT.safetensors)."
+)
+
+
+def _check_schema(section: Mapping[str, Any], key: str, source: str, fix: str = _SCHEMA_FIX) -> None:
+    if "schema" in section and section["schema"] != SCHEMA_VERSION:
+        raise ValueError(
+            f"{source}: checkpoint[{key!r}] has schema {section['schema']!r}; this alignkit reads schema "
+            f"{SCHEMA_VERSION} and the unversioned layouts before it. {fix}"
+        )
+
+
+RUN_SECTION, RNG_SECTION = "alignkit_run", "alignkit_rng"
+_RESUME_FIX = "Resume it with the alignkit version that wrote it, or start fresh (ckpt_path=null)."
+
+
+def run_section(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """``checkpoint["alignkit_run"]``: the run identity (task, encoder options, loss) under the schema number."""
+    return {"schema": SCHEMA_VERSION, **identity}
+
+
+def read_run_section(ckpt: Mapping[str, Any], source: str = "the checkpoint") -> dict[str, Any] | None:
+    """The run identity a checkpoint recorded (schema 1 or the unversioned dict before it); None if none."""
+    section = ckpt.get(RUN_SECTION)
+    if not section:
+        return None
+    if not isinstance(section, Mapping):
+        raise ValueError(
+            f"{source}: checkpoint[{RUN_SECTION!r}] is a {type(section).__name__}, not a dict. {_RESUME_FIX}"
+        )
+    _check_schema(section, RUN_SECTION, source, _RESUME_FIX)
+    return {k: v for k, v in section.items() if k != "schema"}
+
+
+def rng_section(states: list[Any]) -> dict[str, Any]:
+    """``checkpoint["alignkit_rng"]``: one RNG state per rank, in rank order, under the schema number."""
+    return {"schema": SCHEMA_VERSION, "ranks": list(states)}
+
+
+def read_rng_section(ckpt: Mapping[str, Any], source: str = "the checkpoint") -> list[Any] | None:
+    """Every rank's RNG states (schema 1, or the bare list written before it); None if the checkpoint has none."""
+    section = ckpt.get(RNG_SECTION)
+    if section is None:
+        return None
+    if isinstance(section, list):  # unversioned, before schema 1
+        return section
+    if isinstance(section, Mapping) and isinstance(section.get("ranks"), list):
+        _check_schema(section, RNG_SECTION, source, _RESUME_FIX)
+        return list(section["ranks"])
+    raise ValueError(
+        f"{source}: checkpoint[{RNG_SECTION!r}] is neither a list of per-rank states nor a dict with 'ranks'. "
+        f"{_RESUME_FIX}"
+    )
+
+
 def read_alignkit_spec(ckpt: Mapping[str, Any], source: str = "the checkpoint") -> AlignkitSpec | None:
     """The one reader of ``checkpoint["alignkit"]``: schema 1, and the two unversioned layouts older checkpoints
     carry (CLIP-Refine's ``{"encoder": <spec>, "has_teacher": bool}``, STRUCTURE's bare aligned-model spec with
@@ -237,18 +298,11 @@ def read_alignkit_spec(ckpt: Mapping[str, Any], source: str = "the checkpoint") 
     section = ckpt.get("alignkit")
     if section is None or (isinstance(section, Mapping) and not section):
         return None
-    fix = (
-        "Read it with the alignkit version that wrote it (and export it there: alignkit export), or pass the "
-        "architecture yourself (eval.py model.name=ARCH; export to OUT.safetensors)."
-    )
+    fix = _SCHEMA_FIX
     if not isinstance(section, Mapping):
         raise ValueError(f"{source}: checkpoint['alignkit'] is a {type(section).__name__}, not a dict. {fix}")
     if "schema" in section:
-        if section["schema"] != SCHEMA_VERSION:
-            raise ValueError(
-                f"{source}: checkpoint['alignkit'] has schema {section['schema']!r}; this alignkit reads schema "
-                f"{SCHEMA_VERSION} and the unversioned layouts before it. {fix}"
-            )
+        _check_schema(section, "alignkit", source)
         workflow, model = section.get("workflow"), section.get("model")
         if workflow not in WORKFLOWS or not isinstance(model, Mapping):
             raise ValueError(

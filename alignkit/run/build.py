@@ -25,7 +25,7 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from alignkit.core.status import ReportsStatus, RunStatus
 from alignkit.data.batch_plan import BatchPlan
@@ -220,8 +220,17 @@ def build_run(
             cb.attach_status(status)
     lgs = build_loggers(cfg) if loggers else []
     plan = plan_batches(data, cfg.trainer, cfg.epochs) if prepare else None
+    # the plugins are built first so the requeue owner is checked on them, with no private Trainer state
+    trainer_cfg = cfg.trainer.copy()
+    with open_dict(trainer_cfg):
+        plugins = instantiate(trainer_cfg.pop("plugins", None))
+    cluster.check_one_requeue_owner(plugins, cbs)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=cbs, logger=lgs or False, **planned_max_steps(plan, cfg.trainer)
+        trainer_cfg,
+        callbacks=cbs,
+        logger=lgs or False,
+        plugins=plugins,
+        **planned_max_steps(plan, cfg.trainer),
     )
     if plan is not None:
         apply_plan(plan, module, trainer)

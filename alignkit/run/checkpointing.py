@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from alignkit.core.checkpoint import read_alignkit_spec
+from alignkit.core.checkpoint import RUN_SECTION, read_alignkit_spec, read_run_section, run_section
 from alignkit.modules.workflows import workflow_of
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def check_checkpoint_compatible(ckpt_path: str | Path, module: torch.nn.Module, 
         problems.append(f"workflow: checkpoint {saved.workflow!r} vs this run {workflow!r}")
     elif saved is not None:
         problems += workflow_of(saved).resume_problems(saved.model, module)
-    saved_run = ckpt.get("alignkit_run")
+    saved_run = read_run_section(ckpt, str(ckpt_path))
     if saved_run:
         now = run_identity(cfg)
         for k in ("task_name", "loss"):
@@ -94,4 +94,4 @@ class RunIdentity(Callback):
         self.identity = dict(identity)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["alignkit_run"] = dict(self.identity)
+        checkpoint[RUN_SECTION] = run_section(self.identity)

@@ -5,7 +5,8 @@
 * :func:`check_trainer_matches_slurm` fails at start, naming the value to change, when a preset disagrees with the
   allocation (otherwise DDP waits forever for ranks that never start, or Lightning reports it deep in setup).
 * :func:`trainer_plugins` gives the trainer atomic checkpoint writes and, under SLURM, a ``SLURMEnvironment`` with
-  Lightning's auto-requeue **off**: alignkit's PreemptionCheckpoint (sbatch) or submitit (launcher) owns the requeue.
+  Lightning's auto-requeue **off**: alignkit's PreemptionCheckpoint (sbatch) or submitit (launcher) owns the requeue;
+  :func:`check_one_requeue_owner` fails at start when a user's ``trainer.plugins`` would switch it back on.
 """
 
 from __future__ import annotations
@@ -150,6 +151,35 @@ def trainer_plugins() -> list:
     if in_slurm_job() and SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return plugins
+
+
+def lightning_requeues(plugins: Any) -> bool:
+    """Whether a Trainer given ``plugins`` would requeue the job itself on SIGUSR1 (Lightning's SLURM auto-requeue).
+
+    Decided from the plugins, before the Trainer exists, the way Lightning 2.6 chooses its cluster environment: a
+    ``ClusterEnvironment`` plugin is used as given; without one, a detected SLURM job gets ``SLURMEnvironment()``,
+    whose ``auto_requeue`` defaults to True."""
+    from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
+
+    given = [p for p in (plugins if isinstance(plugins, (list, tuple)) else [plugins]) if p is not None]
+    envs = [p for p in given if isinstance(p, ClusterEnvironment)]
+    if envs:
+        return isinstance(envs[0], SLURMEnvironment) and envs[0].auto_requeue
+    return SLURMEnvironment.detect()
+
+
+def check_one_requeue_owner(plugins: Any, callbacks: list) -> None:
+    """Fail before the Trainer is built when Lightning's auto-requeue and alignkit's preemption callback would both
+    requeue the job (two requeues of one job: the second resubmission races the first's checkpoint)."""
+    from alignkit.callbacks.preemption import PreemptionCheckpoint
+
+    ours = [cb for cb in callbacks if isinstance(cb, PreemptionCheckpoint) and cb.requeue != "none"]
+    if ours and lightning_requeues(plugins):
+        raise ValueError(
+            "two requeue owners: Lightning's SLURMEnvironment(auto_requeue=True) and alignkit's "
+            "PreemptionCheckpoint. Keep the trainer preset's plugins (alignkit.run.cluster.trainer_plugins, which "
+            "switches Lightning's off) or set callbacks.preemption.requeue=none"
+        )
 
 
 def module_classes(paths: list[str]) -> set[type]:

@@ -97,11 +97,18 @@ def _tensorboard_hparams_record(
     from torch.utils.tensorboard.summary import hparams as hparams_summary
 
     plain = {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in hparams.items()}
-    writer = (
-        lg.experiment._get_file_writer()
-    )  # SummaryWriter's only way to add a raw summary (Lightning does too)
+    # SummaryWriter's public FileWriter (None once the writer was closed: then a FileWriter of its own on the same
+    # directory, closed here)
+    writer = lg.experiment.file_writer
+    own = writer is None
+    if own:
+        from torch.utils.tensorboard.writer import FileWriter
+
+        writer = FileWriter(lg.experiment.get_logdir())
     for summary in hparams_summary(plain, dict(final)):
         writer.add_summary(summary, step)
+    if own:
+        writer.close()
 
 
 def logger_locations(loggers: Sequence[Any]) -> dict[str, str]:
