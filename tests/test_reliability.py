@@ -267,3 +267,26 @@ def test_skip_stops_once_more_than_the_fraction_of_the_run_was_skipped(planned, 
     ) as e:
         guard.on_before_optimizer_step(trainer, module, opt)
     assert f"0.01 of the run's {planned} steps, callbacks.nonfinite.max_skip_fraction" in str(e.value)
+
+
+@pytest.mark.slow  # two fresh interpreters (~10 s each)
+@pytest.mark.parametrize("entry", ["train.py", "eval.py"])
+def test_unwritable_log_dir_from_the_command_line_fails_naming_the_key_not_hydras_mkdir(tmp_path, entry):
+    import os
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")
+    experiment = ["+experiment=smoke"] if entry == "train.py" else []
+    res = subprocess.run(
+        [sys.executable, str(REPO / entry), *experiment, f"paths.log_dir={blocker}/logs"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
+    )
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "ConfigError: the log directory" in res.stderr and "(paths.log_dir) is not writable" in res.stderr
+    assert "Set paths.log_dir to a writable directory" in res.stderr
+    assert "Traceback" not in res.stderr  # the message, not Hydra's mkdir stack

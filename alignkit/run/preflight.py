@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import sys
 import tempfile
 import types
 import typing
@@ -263,3 +264,31 @@ def check_writable(cfg: DictConfig) -> list[str]:
         probed.append(key)
     log.debug("writable: %s", probed)
     return probed
+
+
+class ProbeLogDir:
+    """Hydra callback (``hydra.callbacks.probe_log_dir`` in the train / eval configs): probe ``paths.log_dir``
+    before Hydra creates the run directory under it, so an unwritable one from the command line stops with the
+    same :class:`ConfigError` as :func:`preflight` (naming the key and the fix) instead of Hydra's bare OSError
+    from its own ``mkdir``. A Hydra ``Callback`` by duck typing (``on_run_start`` / ``on_multirun_start``): Hydra
+    calls the hooks it finds, and this module need not import Hydra's experimental callback class. Hydra 1.3 turns
+    an exception of a callback into a warning and goes on (to its own mkdir), so the message is printed here, the
+    way Hydra prints a failed job's error, and the process exits with status 1 like any failed run."""
+
+    def _probe(self, config: DictConfig) -> None:
+        try:
+            log_dir = OmegaConf.select(config, "paths.log_dir", default=None, throw_on_missing=False)
+        except Exception:  # an unresolvable value is preflight's to report, with every other problem
+            return
+        if isinstance(log_dir, str) and log_dir and "://" not in log_dir:
+            try:
+                probe_writable(log_dir, "the log", "paths.log_dir")
+            except ConfigError as err:
+                print(f"{type(err).__module__}.{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+                raise SystemExit(1) from err
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._probe(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._probe(config)
