@@ -327,3 +327,19 @@ def test_bf16_autocast_keeps_infonce_in_fp32():
         got = StructureLoss()(out)["loss_contrastive"]
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref)
+
+
+def test_warmup_as_a_fraction_of_the_run():
+    loss_fn = StructureLoss(warmup_fraction=0.25)
+    with pytest.raises(RuntimeError, match=r"needs the run's length.*set_run_steps"):
+        loss_fn(_out(step=1))
+    loss_fn.set_run_steps(140)  # a 1,000-pair run: 35 warm-up steps instead of the fixed 200 it never reached
+    assert loss_fn.warmup_steps == 35
+    assert loss_fn(_out(step=7))["lambda_structure"].item() == pytest.approx(10.0 * 7 / 35)
+    assert loss_fn(_out(step=35))["lambda_structure"].item() == pytest.approx(10.0)
+    loss_fn.set_run_steps(780)  # the same share of a longer run
+    assert loss_fn.warmup_steps == 195
+    assert StructureLoss(warmup_fraction=0.001).set_run_steps(10) is None  # at least one step
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"warmup_fraction must lie in \(0, 1\]"):
+            StructureLoss(warmup_fraction=bad)

@@ -368,3 +368,22 @@ def test_eval_py_rebuilds_the_run_from_its_checkpoint_and_from_its_export(tmp_pa
         for k, v in final.items():
             assert result["metrics"][k] == pytest.approx(v, abs=1e-5), (src, k)
     assert result["step"] == 0 and "frozen towers + heads" in (out / "report.md").read_text()
+
+
+def test_warmup_fraction_is_a_share_of_the_planned_run(tmp_path, shards, tiny_text_dir):
+    import csv
+
+    cfg = tiny_cfg(
+        tmp_path, shards, tiny_text_dir, "loss.align.warmup_fraction=0.5", "loss.align.warmup_steps=0"
+    )
+    summary = train(cfg)
+    assert summary["global_step"] == 12
+    rows = list(csv.DictReader(next((tmp_path / "run").rglob("metrics.csv")).open()))
+    lam = {
+        int(r["step"]): float(r["train/align_lambda_structure"])
+        for r in rows
+        if r.get("train/align_lambda_structure")
+    }
+    # 12 planned steps x 0.5 = a 6-step warm-up: λ_t = 10 · min(1, t / 6) at the step the loss saw
+    assert lam and all(v == pytest.approx(10.0 * min(1.0, s / 6)) for s, v in lam.items()), lam
+    assert max(lam.values()) == pytest.approx(10.0) and min(lam.values()) < 10.0

@@ -12,7 +12,7 @@ the total under ``"loss"``. Keys of ``out`` used by the nodes in this package:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -70,3 +70,11 @@ def pair_view(img: torch.Tensor, txt: torch.Tensor, cross_rank: CrossRank, *, gr
     if cross_rank == "gather_global_loss":
         return PairView(img_all, txt_all, img_all, txt_all, 0)
     return PairView(img, txt, img_all, txt_all, rank() * img.shape[0])
+
+
+@runtime_checkable
+class KnowsRunLength(Protocol):
+    """A loss node whose schedule is a fraction of the run: the training module tells it the run's optimizer steps
+    when the optimizers are configured (fit start, and again on resume: the same number, so the same schedule)."""
+
+    def set_run_steps(self, total: int) -> None: ...

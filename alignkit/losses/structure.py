@@ -143,7 +143,10 @@ class StructureLoss(nn.Module):
     ``image_inputs``/``text_inputs`` (frozen features of the selected layers) and ``step`` (the global optimiser
     step, int or 0-d tensor) which drives the linear λ warm-up ``λ_t = λ·min(1, step / warmup_steps)``. ``step``
     is required while a warm-up is active (``warmup_steps > 0``) so that a forgotten step never silently
-    trains with λ=0; it may be omitted when ``warmup_steps == 0``.
+    trains with λ=0; it may be omitted when ``warmup_steps == 0``. ``warmup_fraction`` (in (0, 1]) sets the
+    warm-up as a share of the run instead: ``warmup_steps = max(1, round(fraction × run steps))``, the run's
+    optimizer steps coming from the training module (:meth:`set_run_steps`), so that a short run (few pairs)
+    reaches full λ at the same point of its schedule as a long one.
 
     Across ranks, InfoNCE is :class:`alignkit.losses.InfoNCE` with ``cross_rank`` (default ``gather_local_loss``:
     global negatives, open_clip's local loss). R_S is computed on each rank's own batch unless
@@ -158,6 +161,7 @@ class StructureLoss(nn.Module):
         temperature: float = 0.05,
         lambda_structure: float = 10.0,
         warmup_steps: int = 1000,
+        warmup_fraction: float | None = None,
         levels: int = 1,
         weighting: Weighting = "none",
         centering: Centering = "mean",
@@ -184,7 +188,13 @@ class StructureLoss(nn.Module):
             raise ValueError("warmup_steps must be >= 0 and temperature > 0")
         self.temperature = temperature
         self.lambda_structure = lambda_structure
+        if warmup_fraction is not None and not 0 < warmup_fraction <= 1:
+            raise ValueError(
+                f"warmup_fraction must lie in (0, 1] (a share of the run), got {warmup_fraction}"
+            )
         self.warmup_steps = warmup_steps
+        self.warmup_fraction = warmup_fraction
+        self.run_steps: int | None = None
         self.modality_reduction = modality_reduction
         self.use_structure = use_structure
         self.gather_structure = gather_structure
@@ -206,10 +216,21 @@ class StructureLoss(nn.Module):
             eps=eps,
         )
 
+    def set_run_steps(self, total: int) -> None:
+        """The run's optimizer steps (from the training module); fixes the warm-up when ``warmup_fraction`` is set."""
+        self.run_steps = int(total)
+        if self.warmup_fraction is not None:
+            self.warmup_steps = max(1, round(self.warmup_fraction * self.run_steps))
+
     def current_lambda(self, step: int | Tensor | None) -> float:
         """λ_t = λ · min(1, step / warmup_steps)."""
         if not self.use_structure:
             return 0.0
+        if self.warmup_fraction is not None and self.run_steps is None:
+            raise RuntimeError(
+                "StructureLoss(warmup_fraction=...) needs the run's length: the training module sets it when the "
+                "optimizers are configured; outside a Trainer call loss.set_run_steps(N) first"
+            )
         if self.warmup_steps == 0:
             return float(self.lambda_structure)
         if step is None:

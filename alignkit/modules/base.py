@@ -13,6 +13,7 @@ from torch import nn
 
 from alignkit.core.checkpoint import AlignkitSpec
 from alignkit.data.batch_plan import BatchPlan
+from alignkit.losses.common import KnowsRunLength
 from alignkit.modules.compile import compile_towers
 from alignkit.modules.scalar_params import (
     demote_in_state_dict,
@@ -125,7 +126,13 @@ class TrainingModule(L.LightningModule):
             no_decay = [p for n, p in named if no_weight_decay(n, p)]
             groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         opt = self.optimizer_factory(groups)
-        sched = self.lr_schedule.build(opt, max(1, int(self.trainer.estimated_stepping_batches)))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        for (
+            node
+        ) in self.loss.modules():  # schedules set as a share of the run (StructureLoss.warmup_fraction)
+            if isinstance(node, KnowsRunLength):
+                node.set_run_steps(total)
+        sched = self.lr_schedule.build(opt, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     # ----- logging -----
