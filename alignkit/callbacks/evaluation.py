@@ -62,7 +62,9 @@ class EvaluationCallback(Callback):
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
         self.recorder = EvalRecorder(evalsets, batch_size=batch_size, plot_set=plot_set, prefix=prefix)
-        self.every_n_steps, self.at_start, self.at_end = every_n_steps, at_start, at_end
+        self.every_n_steps = every_n_steps
+        self.at_start = at_start
+        self.at_end = at_end
         self.output_dir = Path(output_dir) if output_dir else None
         self._last_step: int | None = None
         # Read at the end: was the run stopped by a signal? (build_run attaches the run's status.)

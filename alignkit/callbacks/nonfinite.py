@@ -79,7 +79,8 @@ class NonFiniteGuard(Callback):
             raise ValueError(
                 f"callbacks.nonfinite.max_skip_fraction must be in [0, 1], got {max_skip_fraction}"
             )
-        self.action, self.max_consecutive_skips = action, max_consecutive_skips
+        self.action = action
+        self.max_consecutive_skips = max_consecutive_skips
         self.max_skip_fraction = max_skip_fraction
         self.status = RunStatus()  # skipped steps are reported here (build_run attaches the run's status)
         self._in_a_row = 0

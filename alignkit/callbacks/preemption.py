@@ -78,7 +78,9 @@ class PreemptionCheckpoint(Callback):
         if requeue not in ("auto", "scontrol", "chain", "none"):
             raise ValueError(f"requeue={requeue!r} is not one of auto, scontrol, chain, none")
         self.signals = [getattr(signal, s) if isinstance(s, str) else signal.Signals(s) for s in signals]
-        self.requeue, self.dirpath, self.save_rng = requeue, dirpath, save_rng
+        self.requeue = requeue
+        self.dirpath = dirpath
+        self.save_rng = save_rng
         self.received: int | None = None
         # What the run reports (preempted, the signal's name, requeued, the pending hand-over): build_run attaches
         # the run's one status; a callback used on its own keeps its own.

@@ -80,11 +80,20 @@ class ImageTextDataModule(L.LightningDataModule):
             )
         self.pair_source.size()  # the epoch size is read now: a missing sizes.json fails before any model is built
         # The flat keys stay readable: data nodes built on this one pass them on (e.g. to read a pair table).
-        self.train_csv, self.image_col, self.caption_col = train_csv, image_col, caption_col
-        self.num_samples, self.synthetic_image_size = num_samples, synthetic_image_size
-        self.source, self.mode, self.batch_size, self.num_workers = source, mode, batch_size, num_workers
-        self.shuffle_buffer, self.epoch_rounding = shuffle_buffer, epoch_rounding
-        self.augment, self.random_caption, self.seed = augment, random_caption, seed
+        self.train_csv = train_csv
+        self.image_col = image_col
+        self.caption_col = caption_col
+        self.num_samples = num_samples
+        self.synthetic_image_size = synthetic_image_size
+        self.source = source
+        self.mode = mode
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch_rounding = epoch_rounding
+        self.augment = augment
+        self.random_caption = random_caption
+        self.seed = seed
         self.pin_memory = pin_memory
         self._train_loader: ResumableLoader | None = None
         self._loader_state: dict | None = None

@@ -44,8 +44,10 @@ class FeatureEpochBatches:
     def __init__(self, image: Tensor, row_image: Tensor, text: Tensor, row_text: Tensor, seed: int) -> None:
         if len(row_image) != len(row_text):
             raise ValueError(f"{len(row_image)} image rows but {len(row_text)} text rows: not one per pair")
-        self.image, self.row_image = image, row_image
-        self.text, self.row_text = text, row_text
+        self.image = image
+        self.row_image = row_image
+        self.text = text
+        self.row_text = row_text
         self.seed = seed
 
     def __len__(self) -> int:

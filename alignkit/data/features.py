@@ -97,9 +97,13 @@ class FeaturePairDataModule(L.LightningDataModule):
         self.options = SelectionOptions.from_config(selection, image_layer, text_layer)
         # the pair source checks its paths now, before any model is built
         self.pair_source: PairSource = make_source(source, **source_keys(locals()))
-        self.captions, self.max_pairs = captions, max_pairs
-        self.image_layer, self.text_layer = image_layer, text_layer
-        self.batch_size, self.epoch_rounding, self.seed = batch_size, epoch_rounding, seed
+        self.captions = captions
+        self.max_pairs = max_pairs
+        self.image_layer = image_layer
+        self.text_layer = text_layer
+        self.batch_size = batch_size
+        self.epoch_rounding = epoch_rounding
+        self.seed = seed
         # fails now (naming data.cache_dir) if the cache cannot be written: before anything is encoded
         self.extractor = FeatureExtractor(cache_dir, encode_batch_size)
         self.table: PairTable | None = None

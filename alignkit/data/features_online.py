@@ -53,7 +53,9 @@ class OnlineFeaturePairDataModule(ImageTextDataModule):
             prepare()
         super().__init__(**pairs)
         self.options = SelectionOptions.from_config(selection, image_layer, text_layer)
-        self.captions, self.image_layer, self.text_layer = captions, image_layer, text_layer
+        self.captions = captions
+        self.image_layer = image_layer
+        self.text_layer = text_layer
         # fails now (naming data.cache_dir) if the cache cannot be written: before anything is encoded
         self.extractor = FeatureExtractor(cache_dir, encode_batch_size)
         self.info: dict[str, int] = {}

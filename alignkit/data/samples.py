@@ -50,7 +50,8 @@ class BadSampleCounter:
                 self._since_warn,
                 self.count,
             )
-            self._last_warn, self._since_warn = now, 0
+            self._last_warn = now
+            self._since_warn = 0
 
     def handler(self, exn: Exception) -> bool:
         """webdataset ``handler``: count the broken tar member / shard and continue."""
@@ -124,8 +125,10 @@ class PairTransform:
     def __init__(
         self, preprocess: Callable, tokenizer: Callable, random_caption: bool = True, seed: int = 0
     ) -> None:
-        self.preprocess, self.tokenizer = preprocess, tokenizer
-        self.random_caption, self.seed = random_caption, seed
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.random_caption = random_caption
+        self.seed = seed
         self._rng: random.Random | None = None
 
     def _caption_rng(self) -> random.Random | None:

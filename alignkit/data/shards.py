@@ -133,7 +133,8 @@ class FailureLog:
     flood the console."""
 
     def __init__(self, first: int = 5, every_s: float = 10.0) -> None:
-        self.first, self.every_s = first, every_s
+        self.first = first
+        self.every_s = every_s
         self.counts: dict[str, int] = {}
         self.first_source: str | None = None
         self._unnamed, self._last = 0, float("-inf")
@@ -145,7 +146,8 @@ class FailureLog:
         if sum(self.counts.values()) <= self.first or now - self._last >= self.every_s:
             more = f" ({self._unnamed} more not named since the last warning)" if self._unnamed else ""
             log.warning("%s: %s: %s%s", status, source, error, more)
-            self._unnamed, self._last = 0, now
+            self._unnamed = 0
+            self._last = now
         else:
             self._unnamed += 1
 

@@ -75,7 +75,8 @@ class AlignedDualEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.towers, self.image_layer, self.text_layer = towers, int(image_layer), int(text_layer)
-        self.image_head, self.text_head = image_head, text_head
+        self.image_head = image_head
+        self.text_head = text_head
         self.temperature = float(temperature)
         self.head_specs = dict(head_specs or {})
         self.register_buffer("logit_scale", torch.tensor(math.log(1.0 / temperature)))

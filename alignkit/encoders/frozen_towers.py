@@ -147,7 +147,8 @@ class FrozenTowers(nn.Module):
         import timm.data
 
         self.vision_spec, self.text_spec = _plain(vision), _plain(text)
-        self.image_size, self.crop_pct = image_size, crop_pct
+        self.image_size = image_size
+        self.crop_pct = crop_pct
         self.vision, data_cfg = build_vision_tower(self.vision_spec)
         self.text = build_text_tower(self.text_spec)
         if image_size:

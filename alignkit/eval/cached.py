@@ -51,7 +51,8 @@ class CachedEvalSet:
         self.name = evalset.name
         self.task = "classification" if isinstance(evalset, ClassificationSet) else "retrieval"
         _, self.targets, self.text_shape = _texts_and_targets(evalset)
-        self.image, self.text = image, text
+        self.image = image
+        self.text = text
 
 
 def _digest(items: list[bytes]) -> str:

@@ -91,7 +91,8 @@ class EvalRecorder:
         prefix: str = "val/",
     ) -> None:
         self.evalsets = build_evalsets(evalsets)
-        self.batch_size, self.prefix = batch_size, prefix
+        self.batch_size = batch_size
+        self.prefix = prefix
         self.plot_set = choose_plot_set(self.evalsets, plot_set) if self.evalsets else None
         self.history: dict[int, dict[str, float]] = {}
         self.first: tuple[int, EncodedEvalSet] | None = (

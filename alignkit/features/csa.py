@@ -34,7 +34,9 @@ class CCAAligner:
     ) -> None:
         if weighting not in ("none", "corr"):
             raise ValueError(f"weighting must be 'none' or 'corr', got {weighting!r}")
-        self.dim, self.reg, self.weighting = dim, reg, weighting
+        self.dim = dim
+        self.reg = reg
+        self.weighting = weighting
         self.mean_x = self.mean_y = self.proj_x = self.proj_y = self.correlations = None
 
     def fit(self, x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> CCAAligner:

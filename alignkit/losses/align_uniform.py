@@ -41,7 +41,8 @@ class Alignment(nn.Module):
         super().__init__()
         if alpha <= 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
-        self.alpha, self.normalize = alpha, normalize
+        self.alpha = alpha
+        self.normalize = normalize
 
     def forward(self, out: dict) -> dict[str, Tensor]:
         img = maybe_normalize(out["image_features"], self.normalize).float()
@@ -83,8 +84,11 @@ class Uniformity(nn.Module):
             raise ValueError(f"t must be > 0, got {t}")
         check_choice("uniform_over", uniform_over, ("per_modality", "union"))
         check_choice("modality_reduction", modality_reduction, ("mean", "sum"))
-        self.t, self.normalize, self.uniform_over = t, normalize, uniform_over
-        self.modality_reduction, self.cross_rank = modality_reduction, cross_rank
+        self.t = t
+        self.normalize = normalize
+        self.uniform_over = uniform_over
+        self.modality_reduction = modality_reduction
+        self.cross_rank = cross_rank
 
     def forward(self, out: dict) -> dict[str, Tensor]:
         img = maybe_normalize(out["image_features"], self.normalize)

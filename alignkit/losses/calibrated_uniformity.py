@@ -90,8 +90,13 @@ class CalibratedUniformity(nn.Module):
         check_choice("combine", combine, ("fused", "per_modality"))
         check_choice("similarity_map", similarity_map, ("clamp", "affine"))
         check_choice("modality_reduction", modality_reduction, ("mean", "sum"))
-        self.t, self.source, self.combine, self.similarity_map = t, source, combine, similarity_map
-        self.strength, self.normalize, self.modality_reduction = strength, normalize, modality_reduction
+        self.t = t
+        self.source = source
+        self.combine = combine
+        self.similarity_map = similarity_map
+        self.strength = strength
+        self.normalize = normalize
+        self.modality_reduction = modality_reduction
         self.cross_rank = cross_rank
 
     @property

@@ -24,7 +24,8 @@ class WeightSchedule:
         check_choice("schedule kind", kind, ("constant", "linear_warmup", "linear_decay"))
         if kind != "constant" and steps <= 0:
             raise ValueError(f"schedule {kind} needs steps > 0, got {steps}")
-        self.kind, self.steps = kind, steps
+        self.kind = kind
+        self.steps = steps
 
     def factor(self, step: int) -> float:
         if self.kind == "constant":

@@ -64,7 +64,9 @@ class HybridDistillation(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         check_choice("kl_direction", kl_direction, ("forward", "reverse"))
         check_choice("logit_scale", logit_scale, ("none", "model"))
-        self.alpha, self.temperature, self.normalize = alpha, temperature, normalize
+        self.alpha = alpha
+        self.temperature = temperature
+        self.normalize = normalize
         self.kl_direction, self.scale_by_t_squared, self.cross_rank = (
             kl_direction,
             scale_by_t_squared,
@@ -145,7 +147,8 @@ class LogitDistillation(nn.Module):
         cross_rank: CrossRank = "gather_local_loss",
     ) -> None:
         super().__init__()
-        self.normalize, self.cross_rank = normalize, cross_rank
+        self.normalize = normalize
+        self.cross_rank = cross_rank
         self.scaler = LogitScaler(logit_scale)
 
     def forward(self, out: dict) -> dict[str, torch.Tensor]:

@@ -84,7 +84,10 @@ class RandomFeatureAlignment(nn.Module):
             seed,
         )
         self.spread = beta if beta_scales == "std" else math.sqrt(beta)
-        self.mean, self.std, self.low, self.high = mean, std, low, high
+        self.mean = mean
+        self.std = std
+        self.low = low
+        self.high = high
         if prior == "data_stats":
             if stats_path is None:
                 raise ValueError(

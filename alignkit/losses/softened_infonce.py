@@ -83,7 +83,9 @@ class SoftenedInfoNCE(nn.Module):
             raise ValueError(f"schedule=linear needs softening_steps > 0, got {softening_steps}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.max_softening, self.schedule, self.softening_steps = max_softening, schedule, softening_steps
+        self.max_softening = max_softening
+        self.schedule = schedule
+        self.softening_steps = softening_steps
         self.mass_to, self.normalize, self.temperature, self.cross_rank = (
             mass_to,
             normalize,

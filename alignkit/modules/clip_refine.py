@@ -78,7 +78,8 @@ class AlignModule(TrainingModule):
             raise ValueError(f"module.accumulation={accumulation!r} is not one of none, cache_recompute")
         if accumulation == "cache_recompute" and not micro_batch_size:
             raise ValueError("module.accumulation=cache_recompute needs module.micro_batch_size (e.g. 64)")
-        self.accumulation, self.micro_batch_size = accumulation, micro_batch_size
+        self.accumulation = accumulation
+        self.micro_batch_size = micro_batch_size
         self.automatic_optimization = accumulation == "none"
         if teacher not in ("auto", "always", "never"):
             raise ValueError(f"module.teacher={teacher!r} is not one of auto, always, never")
