@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import REPO, compose_train, synthetic_shards
 
@@ -52,12 +53,14 @@ def _run_cli(args, cwd, timeout=300):
     )
 
 
+@pytest.mark.slow  # a fresh interpreter (~8 s)
 def test_typo_override_fails_with_a_clear_message(tmp_path):
     res = _run_cli(["+experiment=smoke", "trainer.max_stepz=3"], tmp_path, timeout=120)
     assert res.returncode != 0
     assert "max_stepz" in res.stderr and ("not in struct" in res.stderr or "Could not override" in res.stderr)
 
 
+@pytest.mark.slow  # a fresh interpreter (~8 s)
 def test_offline_weights_stop_at_once_with_instructions(tmp_path):
     synthetic_shards(tmp_path / "shards", n=16, per_shard=16)
     res = _run_cli(
