@@ -32,6 +32,8 @@ def test_every_row_composes_to_its_recipe(tmp_path):
             assert cfg.data.selection.mode == "best", name
         if name.startswith("A/") and name.split("/")[1].split("@")[0].endswith("_rs"):
             assert cfg.loss.align.use_structure is True, name
+        if cfg.loss.get("align") is not None and cfg.loss.align.get("use_structure"):
+            assert cfg.loss.align.warmup_fraction == 0.25, name  # a quarter of any run, short or long
         if name.startswith("A/") and "infonce" in name:
             assert cfg.loss.align.use_structure is False, name
     b = {
@@ -55,6 +57,34 @@ def test_low_data_rows_are_named_by_their_pair_count():
     assert {"A/last_infonce@1000", "A/last_rs@1000"} <= set(rows_for(1000))
     assert {"A/last_infonce@100", "A/last_rs@100"} <= set(rows_for(100))
     assert not any("{" in n for n in rows_for(7))
+    both = rows_for((1000, 250))
+    assert both["A/last_rs@250"].low_n == 250 and both["A/last_infonce@1000"].low_n == 1000
+    assert both["A/last_rs@250"].choose_lambda and not both["A/last_infonce@250"].choose_lambda
+
+
+def test_every_part_b_row_runs_from_each_start_and_the_gap_start_is_declared():
+    from alignkit.run.reproduce.rows import B_STARTS
+
+    table = rows_for(1000)
+    b_rows = [n for n, r in ROWS.items() if r.part == "B"]
+    for key in B_STARTS:
+        names = [n if not key else n.replace("B/", f"B@{key}/", 1) for n in b_rows]
+        assert all(
+            table[n].start == key and table[n].experiment == ROWS[b].experiment for n, b in zip(names, b_rows)
+        )
+        assert all(c in table and table[c].part == "A" for c in B_STARTS[key])  # candidates are Part A rows
+    gap = compose_train(
+        [
+            f"+experiment={table['A/last_infonce_t0.005'].experiment}",
+            *table["A/last_infonce_t0.005"].overrides,
+        ]
+    )
+    assert gap.loss.align.temperature == 0.005 and gap.data.selection.mode == "last"
+    assert gap.module.text_head.bias is False  # open_clip can hold it as it is
+    cca_last = compose_train(
+        [f"+experiment={table['A/cca_last'].experiment}", *table["A/cca_last"].overrides]
+    )
+    assert cca_last.data.selection.mode == "last" and cca_last.epochs == 0
 
 
 def test_val_score_and_metric_names():
@@ -169,13 +199,21 @@ def test_cached_evaluation_equals_the_ordinary_evaluation(tiny_repro):
 def test_part_b_starts_from_the_part_a_model(tiny_repro):
     """B/pretrained (the open_clip directory through the open_clip encoder node) scores what its Part A run
     scored through the frozen towers: the export is the same model."""
+    from alignkit.run.reproduce.rows import B_STARTS
+
     _, payload = tiny_repro
     meta = payload["meta"]
-    start = meta["choices"]["B start"]["chosen"]
-    assert start in ("A/last_infonce", "A/last_rs")
-    cached, through_open_clip = meta["b_start_val_cached"], meta["val"]["B/pretrained"]
-    for m in METRICS:
-        assert through_open_clip[m] == pytest.approx(cached[m], abs=0.02), m
+    assert set(meta["b_starts"]) == {f"B@{k}" if k else "B" for k in B_STARTS}
+    for label, start in meta["b_starts"].items():
+        key = label.removeprefix("B").removeprefix("@")
+        assert (
+            start["chosen"] == meta["choices"][f"{label} start"]["chosen"]
+            and start["chosen"] in B_STARTS[key]
+        )
+        cached, through_open_clip = start["val_cached"], meta["val"][f"{label}/pretrained"]
+        for m in METRICS:
+            assert through_open_clip[m] == pytest.approx(cached[m], abs=0.02), (label, m)
+    assert meta["b_start_val_cached"] == meta["b_starts"]["B"]["val_cached"]  # the default start, as before
 
 
 # ----- slow: the paper-scale recipes, end to end on the tiny models -----

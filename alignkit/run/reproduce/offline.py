@@ -7,8 +7,9 @@ experiment + overrides, in this process), and writes ``results.json`` / ``result
 Choices made on the *validation* split only (the test split is evaluated, never consulted):
 
 * low-data Part A rows: the number of epochs (from ``Scale.low_epochs``), per row, on seed 0;
-* the Part B starting model: among the Part A recipes that can be written as an open_clip model (heads on the
-  last layers: ``A/last_infonce``, ``A/last_rs``, with a bias-free text head as open_clip's HF projection is);
+* R_S rows (``choose_lambda``): λ from ``Scale.rs_lambdas``, per row, on seed 0 (after the epochs of a low-data row);
+* each Part B starting model: among its candidates in ``rows.B_STARTS`` (Part A recipes that can be written as an
+  open_clip model: heads on the last layers, a bias-free text head as open_clip's HF projection is);
 * the Part B learning rate: from ``Scale.b_lrs`` (the released 1e-6 first) for ``B/clip_refine``; every
   other Part B row uses the same learning rate, as CLIP-Refine's Table 1 uses one recipe for all methods.
 
@@ -56,7 +57,7 @@ def merge_results(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, A
     """Rows of both (``new`` wins); per-row meta merged, run-level meta of each process kept under ``runs``."""
     rows = {**old["rows"], **new["rows"]}
     meta = dict(new["meta"])
-    for key in ("choices", "std", "seeds", "val", "seconds", "layers", "rows", "partial"):
+    for key in ("choices", "std", "seeds", "val", "seconds", "layers", "rows", "partial", "b_starts"):
         meta[key] = {**old["meta"].get(key, {}), **new["meta"].get(key, {})}
     for key in ("b_start_dir", "b_start_val_cached"):
         if key in old["meta"] and key not in meta:
@@ -143,7 +144,7 @@ def run_offline(
         run_dir = out / "runs" / slug(name) / slug(f"seed{seed}" + "".join(f"-{e}" for e in extra))
         ov = [*common_a, *row.overrides, f"seed={seed}", *extra]
         if row.low_data:
-            ov.append(f"data.max_pairs={sc.low_n}")
+            ov.append(f"data.max_pairs={row.low_n or sc.low_n[0]}")
         # A run whose composed config equals an earlier one's (A/default = A/similar_rs while the demo ships
         # that recipe; a low-data row's seed-0 run at the chosen epochs) is not trained twice.
         key = config_key(compose_run(row.experiment, ov, run_dir))
@@ -179,6 +180,21 @@ def run_offline(
             best = max(scores, key=lambda e: scores[e])
             meta["choices"][f"{name} epochs"] = {"val_score": scores, "chosen": best}
             extra = [f"epochs={best}"]
+        if row.choose_lambda and len(sc.rs_lambdas) > 1:
+            scores = {}
+            for lam in sc.rs_lambdas:
+                try:
+                    va = run_a(name, row, sc.seeds[0], [*extra, f"loss.align.lambda_structure={lam:g}"])[1]
+                    scores[lam] = val_score(va)
+                except NotRun:
+                    meta["partial"].setdefault(name, []).append(f"lambda={lam:g} not run")
+            if scores:
+                best_lam = max(scores, key=lambda x: scores[x])
+                meta["choices"][f"{name} lambda"] = {
+                    "val_score": {f"{k:g}": v for k, v in scores.items()},
+                    "chosen": best_lam,
+                }
+                extra.append(f"loss.align.lambda_structure={best_lam:g}")
         seeds = sc.seeds[:1] if row.experiment.endswith("_cca") else sc.seeds  # CCA is deterministic
         tests, vals, ran = [], [], []
         for s in seeds:

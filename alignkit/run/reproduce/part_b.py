@@ -1,10 +1,12 @@
-"""Part B of the offline replication: CLIP-Refine (and its baselines) on the Part A model chosen on validation.
+"""Part B of the offline replication: CLIP-Refine (and its baselines) on Part A models chosen on validation.
 
 The start is a Part A run exported as an open_clip hub-layout directory and loaded by the ordinary open_clip
 encoder node (``encoder.model=local-dir:DIR``) — towers unfrozen, every parameter trained, the teacher a frozen
 copy made by the module. Rows train one epoch on the refinement pairs through ``alignkit.run.train.train`` and are
 evaluated by the evaluation callback at the end (validation and test sets; only validation is used for choices).
-The teacher-embedding cache is shared by the rows (same teacher, same data, deterministic preprocessing).
+The teacher-embedding cache is shared by the rows (keyed by the teacher's weights, the data and the preprocessing).
+Each start of :data:`alignkit.run.reproduce.rows.B_STARTS` runs the whole procedure on its own (start, learning
+rate, rows), its rows named ``B@KEY/...`` (``B/...`` for the default start).
 """
 
 from __future__ import annotations
@@ -16,15 +18,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from alignkit.run.reproduce.rows import ROWS, Row
-from alignkit.run.reproduce.runner import QUIET, NotRun, split_metrics, train_run, val_score
+from alignkit.run.reproduce.rows import B_STARTS, ROWS, Row
+from alignkit.run.reproduce.runner import QUIET, NotRun, relative, slug, split_metrics, train_run, val_score
 
 log = logging.getLogger(__name__)
 
-__all__ = ["START_CANDIDATES", "run_part_b"]
-
-# Part A recipes whose model open_clip can hold (linear heads on the towers' last layers).
-START_CANDIDATES = ("A/last_infonce", "A/last_rs")
+__all__ = ["run_part_b"]
 
 
 def _evalset_nodes(root: Path, splits: tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -74,14 +73,40 @@ def run_part_b(
     clock: Callable[[str], None],
     only_finished: bool = False,
 ) -> None:
+    """Every start's rows (the module docstring); arguments as :func:`alignkit.run.reproduce.offline.run_offline`
+    holds them."""
+    for key in sorted({r.start for r in b_rows.values()}):  # "" (the default start) first
+        group = {n: r for n, r in b_rows.items() if r.start == key}
+        _from_start(
+            key, group, table, results, meta, sc, root, out, cache_dir, evalsets, run_a, clock, only_finished
+        )
 
-    # 1. The start: the best exportable Part A recipe on validation (seed 0, bias-free text head).
+
+def _from_start(
+    key: str,
+    b_rows: Mapping[str, Row],
+    table: Mapping[str, Row],
+    results: dict[str, dict[str, float]],
+    meta: dict[str, Any],
+    sc: Any,
+    root: Path,
+    out: Path,
+    cache_dir: Path,
+    evalsets: Mapping[str, Any],
+    run_a: Callable[..., tuple[dict, dict]],
+    clock: Callable[[str], None],
+    only_finished: bool,
+) -> None:
+    label = f"B@{key}" if key else "B"
+
+    # 1. The start: the best exportable Part A recipe of this start's candidates on validation (seed 0, bias-free
+    # text head).
     starts: dict[str, tuple[float, Path, dict]] = {}
-    for cand in START_CANDIDATES:
+    for cand in B_STARTS[key]:
         try:
             _, va = run_a(cand, table.get(cand, ROWS[cand]), sc.seeds[0], ["++module.text_head.bias=false"])
         except NotRun:
-            meta["partial"].setdefault("B start", []).append(f"{cand} not run")
+            meta["partial"].setdefault(f"{label} start", []).append(f"{cand} not run")
             continue
         clean = {k: v for k, v in va.items() if not k.startswith("_")}
         starts[cand] = (val_score(va), open_clip_dir(va["_summary"]["exported"]), clean)
@@ -89,11 +114,21 @@ def run_part_b(
         return
     chosen = max(starts, key=lambda c: starts[c][0])
     start = starts[chosen][1]
-    meta["choices"]["B start"] = {"val_score": {c: v[0] for c, v in starts.items()}, "chosen": chosen}
-    # its validation metrics through the frozen towers (cached path): B/pretrained must match them
-    meta["b_start_val_cached"] = starts[chosen][2]
-    meta["b_start_dir"] = str(start)
-    clock(f"Part B starts from {chosen} (validation {starts[chosen][0]:.3f}), open_clip dir {start}")
+    meta["choices"][f"{label} start"] = {"val_score": {c: v[0] for c, v in starts.items()}, "chosen": chosen}
+    # its validation metrics through the frozen towers (cached path): the start's pretrained row must match them
+    meta.setdefault("b_starts", {})[label] = {
+        "chosen": chosen,
+        "dir": relative(start),
+        "val_score": starts[chosen][0],
+        "val_cached": starts[chosen][2],
+    }
+    if not key:  # the names earlier tables used for the default start
+        meta["b_start_val_cached"], meta["b_start_dir"] = starts[chosen][2], relative(start)
+    gap = starts[chosen][2].get("gap/openclipart/sq_per_dim", float("nan")) * 1e3
+    clock(
+        f"{label} starts from {chosen} (validation {starts[chosen][0]:.3f}, gap ‖·‖²/d {gap:.3f}e-3), "
+        f"open_clip dir {relative(start)}"
+    )
 
     common = [
         f"encoder.model=local-dir:{start}", "encoder.pretrained=null", "encoder.force_quick_gelu=false",
@@ -129,31 +164,31 @@ def run_part_b(
     # 2. B/pretrained: the start itself, loaded through the open_clip encoder node.
     if any(r.pretrained for r in b_rows.values()):
         # kept next to the runs, keyed by the start and the eval sets, so a resumed reproduction reuses it
-        saved, key = (
-            out / "runs" / "B_pretrained" / "metrics.json",
+        saved, saved_key = (
+            out / "runs" / slug(f"{label}_pretrained") / "metrics.json",
             {"start": str(start), "sets": sorted(evalsets)},
         )
         old = json.loads(saved.read_text()) if saved.is_file() else {}
-        if old.get("key") == key:
+        if old.get("key") == saved_key:
             m = old["metrics"]
         elif only_finished:
             m = {}
         else:
             m = _evaluate_dir(start, evalsets, sc.eval_batch)
             saved.parent.mkdir(parents=True, exist_ok=True)
-            saved.write_text(json.dumps({"key": key, "metrics": m}, indent=1))
+            saved.write_text(json.dumps({"key": saved_key, "metrics": m}, indent=1))
         for name, row in b_rows.items():
             if row.pretrained and m:
                 results[name], meta["val"][name] = split_metrics(m, "test"), split_metrics(m, "val")
                 meta["seeds"][name] = [sc.seeds[0]]
         if m:
-            clock(f"B/pretrained: test zs {split_metrics(m, 'test')['zs/fashion_mnist/top1']:.3f}")
+            clock(f"{label}/pretrained: test zs {split_metrics(m, 'test')['zs/fashion_mnist/top1']:.3f}")
 
     # 3. The learning rate of B/clip_refine on validation; every other Part B row then uses it. Every run is
     # evaluated on validation and test at its end with the same settings, so a run is reusable whichever role it
     # had (a sweep point, a row); only the validation numbers are compared.
     train_rows = {k: r for k, r in b_rows.items() if not r.pretrained}
-    ref = "B/clip_refine" if "B/clip_refine" in train_rows else next(iter(train_rows), None)
+    ref = f"{label}/clip_refine" if f"{label}/clip_refine" in train_rows else next(iter(train_rows), None)
     if ref is None:
         return
     t = time.monotonic()
@@ -166,13 +201,13 @@ def run_part_b(
     if not sweep:
         return
     lr = max(sweep, key=lambda x: val_score(sweep[x][1]))
-    meta["choices"]["B lr"] = {
+    meta["choices"][f"{label} lr"] = {
         "val_score": {f"{k:g}": val_score(v[1]) for k, v in sweep.items()},
         "chosen": lr,
     }
     results[ref], meta["val"][ref] = sweep[lr]
     meta["seeds"][ref], meta["seconds"][ref] = [sc.seeds[0]], round(time.monotonic() - t, 1)
-    clock(f"Part B learning rate {lr:g} (validation scores {meta['choices']['B lr']['val_score']})")
+    clock(f"{label} learning rate {lr:g} (validation scores {meta['choices'][f'{label} lr']['val_score']})")
     for name, row in train_rows.items():
         if name == ref:
             continue

@@ -4,19 +4,21 @@ Adding a row is one entry here (e.g. ``"B/align_uniform": Row("B", "clip_refine"
 runner (:mod:`alignkit.run.reproduce.offline`) adds the data, seed and output overrides every row of its part shares.
 
 * Part A (frozen encoders, the STRUCTURE paper's main table offline): an experiment of ``configs/experiment`` on
-  the alignment pairs; ``low_data`` rows train on the first ``low_n`` alignment samples (a seeded random mix),
-  with the number of epochs chosen on the validation split.
+  the alignment pairs; ``low_data`` rows (``{n}`` in the name) train on the first ``n`` alignment samples (a
+  seeded random mix), one row per size of ``Scale.low_n``, with the number of epochs chosen on the validation
+  split; ``choose_lambda`` rows take R_S's λ from ``Scale.rs_lambdas`` on the validation split.
 * Part B (CLIP-Refine's Table 1 offline): a CLIP-Refine-family experiment on the refinement pairs, starting
-  from the Part A model chosen on validation, written as an open_clip directory (towers unfrozen; the teacher is
-  a frozen copy of the start). ``pretrained`` rows only evaluate the start.
+  from a Part A model chosen on validation, written as an open_clip directory (towers unfrozen; the teacher is
+  a frozen copy of the start). ``pretrained`` rows only evaluate the start. Every Part B row runs from each start
+  of :data:`B_STARTS`: ``B/NAME`` from the default start, ``B@KEY/NAME`` from start ``KEY``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
-__all__ = ["METRICS", "PAPER", "ROWS", "Row", "rows_for"]
+__all__ = ["B_STARTS", "METRICS", "PAPER", "ROWS", "Row", "rows_for"]
 
 # The metric names the evaluation already writes (test split; the same names prefixed "val:" for validation).
 METRICS = (
@@ -37,12 +39,17 @@ class Row:
     low_data: bool = False
     pretrained: bool = False
     note: str = ""
+    start: str = ""  # Part B: the key of its start in B_STARTS ("" = the default start)
+    choose_lambda: bool = False
+    low_n: int = 0  # set by rows_for on the rows of a low-data template
 
 
 _LAST = ("data.selection.mode=last",)
 _BEST = ("data.selection.mode=best",)
 _INFONCE = ("loss.align.use_structure=false",)
-_RS = ("loss.align.use_structure=true",)
+# R_S's warm-up is a quarter of the run (≈ the 200 of 780 steps the full rows had), so that a low-data run of
+# 140 steps reaches full λ too (with a fixed 200-step warm-up it never got past 0.7 λ).
+_RS = ("loss.align.use_structure=true", "loss.align.warmup_fraction=0.25")
 # Part A's rows were measured with a biased text head; structure_offline (the demo) is bias-free since, for its
 # open_clip export (README: no cost on validation). Pinned until the table is rerun, so it does not move.
 _BIAS = ("++module.text_head.bias=true",)
@@ -51,27 +58,54 @@ ROWS: dict[str, Row] = {
     "A/last_infonce": Row(
         "A", "structure_offline", _BIAS + _LAST + _INFONCE, note="last layers, linear heads, InfoNCE"
     ),
-    "A/last_rs": Row("A", "structure_offline", _BIAS + _LAST + _RS, note="last layers + R_S"),
+    "A/last_rs": Row(
+        "A", "structure_offline", _BIAS + _LAST + _RS, choose_lambda=True, note="last layers + R_S"
+    ),
     "A/similar_infonce": Row(
         "A", "structure_offline", _BIAS + _BEST + _INFONCE, note="selected layers, InfoNCE"
     ),
-    "A/similar_rs": Row("A", "structure_offline", _BIAS + _BEST + _RS, note="selected layers + R_S"),
+    "A/similar_rs": Row(
+        "A", "structure_offline", _BIAS + _BEST + _RS, choose_lambda=True, note="selected layers + R_S"
+    ),
     "A/default": Row(
         "A",
         "structure_offline",
         _BIAS,
         note="`make demo`'s recipe as measured (the demo's text head is bias-free since)",
     ),
-    "A/cca": Row("A", "structure_offline_cca", ("epochs=0",), note="training-free CCA on the demo's layers"),
+    "A/cca": Row(
+        "A", "structure_offline_cca", ("epochs=0",), note="training-free CCA on its selected layers"
+    ),
+    "A/cca_last": Row(
+        "A",
+        "structure_offline_cca",
+        ("epochs=0", *_LAST),
+        note="training-free CCA on the last layers (the paper's CSA + Last)",
+    ),
     "A/last_infonce@{n}": Row(
         "A", "structure_offline", _BIAS + _LAST + _INFONCE, low_data=True, note="low data"
     ),
-    "A/last_rs@{n}": Row("A", "structure_offline", _BIAS + _LAST + _RS, low_data=True, note="low data + R_S"),
+    "A/last_rs@{n}": Row(
+        "A",
+        "structure_offline",
+        _BIAS + _LAST + _RS,
+        low_data=True,
+        choose_lambda=True,
+        note="low data + R_S",
+    ),
     "A/last_rs_cm3": Row(
         "A",
         "structure_offline_last_rs_cm3",
         _LAST + _RS,
         note="last layers + R_S + CM3 calibrated uniformity (weight 1, t = 2, s = fused cosine of the frozen inputs)",
+    ),
+    # Part B's second start: CLIP's learned temperature ends near 0.01; at τ = 0.005 the aligned heads keep a
+    # CLIP-like modality gap (‖·‖²/d ≈ 0.8e-3 on validation, against 0.02e-3 at the released τ = 0.05).
+    "A/last_infonce_t0.005": Row(
+        "A",
+        "structure_offline",
+        _LAST + _INFONCE + ("loss.align.temperature=0.005",),
+        note="last layers, InfoNCE at τ = 0.005 (bias-free text head): a start with a CLIP-like modality gap",
     ),
     "B/pretrained": Row("B", "clip_refine", pretrained=True, note="the Part A model, not refined"),
     "B/contrastive": Row("B", "clip_contrastive", note="InfoNCE fine-tune (normalised, model's scale)"),
@@ -95,9 +129,30 @@ ROWS: dict[str, Row] = {
 }
 
 
-def rows_for(low_n: int, table: dict[str, Row] | None = None) -> dict[str, Row]:
-    """The table with ``{n}`` in row names replaced by the low-data pair count."""
-    return {name.format(n=low_n): row for name, row in (table or ROWS).items()}
+# Part B's starts, each chosen on validation among Part A recipes open_clip can hold (linear heads on the towers'
+# last layers; the start's text head is bias-free, as open_clip's HF projection is): key -> candidates.
+B_STARTS: dict[str, tuple[str, ...]] = {
+    "": ("A/last_infonce", "A/last_rs"),  # the best on validation: a near-zero modality gap
+    "gap": ("A/last_infonce_t0.005",),  # a CLIP-like gap (≥ 0.5e-3 in ‖·‖²/d), for the gap-closing claim
+}
+
+
+def rows_for(low_n: int | tuple[int, ...], table: dict[str, Row] | None = None) -> dict[str, Row]:
+    """The table with each low-data template (``{n}`` in its name) repeated for every pair count of ``low_n``, and
+    each Part B row declared once (``B/NAME``, the default start) repeated for every other start of
+    :data:`B_STARTS` (``B@KEY/NAME``)."""
+    sizes = (low_n,) if isinstance(low_n, int) else tuple(low_n)
+    out: dict[str, Row] = {}
+    for name, row in (table or ROWS).items():
+        if "{n}" in name:
+            out.update({name.format(n=n): replace(row, low_n=n) for n in sizes})
+            continue
+        out[name] = row
+        if row.part == "B" and not row.start and name.startswith("B/"):
+            for key in B_STARTS:
+                if key:
+                    out[f"B@{key}/{name.removeprefix('B/')}"] = replace(row, start=key)
+    return out
 
 
 # The papers' own numbers (copied from the papers; CLIP-Refine: Yamaguchi et al., CVPR 2025, Table 1 and

@@ -46,8 +46,12 @@ class Scale:
 
     splits: dict[str, int]
     seeds: tuple[int, ...] = (0, 1, 2)
-    low_n: int = 1000
+    low_n: tuple[int, ...] = (
+        1000,
+        250,
+    )  # 1,000 pairs: 20 % of the 5,000-pair pool; 250: 5 % (paper: ~1.25 %)
     low_epochs: tuple[int, ...] = (20, 100)
+    rs_lambdas: tuple[float, ...] = (1.0, 10.0, 30.0)  # R_S's λ grid, chosen on validation (released: 10)
     a_overrides: tuple[str, ...] = ()
     b_batch: int = 64
     b_lrs: tuple[float, ...] = (1e-6, 1e-5, 1e-4)
@@ -65,7 +69,7 @@ SCALES = {
     "tiny": Scale(
         splits=dict(fashion_align=160, fashion_refine=40, fashion_val=60, fashion_test=100,
                     clipart_align=100, clipart_refine=24, clipart_val=40, clipart_test=50),
-        seeds=(0,), low_n=100, low_epochs=(2, 4), b_batch=32, b_lrs=(1e-5,),
+        seeds=(0,), low_n=(100,), low_epochs=(2, 4), b_batch=32, b_lrs=(1e-5,), rs_lambdas=(10.0,),
         a_overrides=("data.batch_size=64", "data.selection.n_samples=200",
                      "loss.align.warmup_steps=5"),
     ),
