@@ -216,9 +216,10 @@ def run_offline(
 
     # ----- Part B: CLIP-Refine on the Part A model chosen on validation -----
     b_rows = {k: r for k, r in table.items() if r.part == "B"}
-    if b_rows:
+    for key in sorted({r.start for r in b_rows.values()}):  # "" (the default start) first
+        group = {n: r for n, r in b_rows.items() if r.start == key}
         run_part_b(
-            b_rows, table, results, meta, sc, root, out, cache_dir, evalsets, run_a, clock, only_finished
+            key, group, table, results, meta, sc, root, out, cache_dir, evalsets, run_a, clock, only_finished
         )
     meta["total_seconds"] = round(time.monotonic() - clock.t0, 1)
     # CPU seconds of this process (all its threads): the machine-load-independent half of the cost.

@@ -60,6 +60,7 @@ def _evaluate_dir(path: Path, evalsets: Mapping[str, Any], batch_size: int) -> d
 
 
 def run_part_b(
+    key: str,
     b_rows: Mapping[str, Row],
     table: Mapping[str, Row],
     results: dict[str, dict[str, float]],
@@ -73,30 +74,8 @@ def run_part_b(
     clock: Callable[[str], None],
     only_finished: bool = False,
 ) -> None:
-    """Every start's rows (the module docstring); arguments as :func:`alignkit.run.reproduce.offline.run_offline`
-    holds them."""
-    for key in sorted({r.start for r in b_rows.values()}):  # "" (the default start) first
-        group = {n: r for n, r in b_rows.items() if r.start == key}
-        _from_start(
-            key, group, table, results, meta, sc, root, out, cache_dir, evalsets, run_a, clock, only_finished
-        )
-
-
-def _from_start(
-    key: str,
-    b_rows: Mapping[str, Row],
-    table: Mapping[str, Row],
-    results: dict[str, dict[str, float]],
-    meta: dict[str, Any],
-    sc: Any,
-    root: Path,
-    out: Path,
-    cache_dir: Path,
-    evalsets: Mapping[str, Any],
-    run_a: Callable[..., tuple[dict, dict]],
-    clock: Callable[[str], None],
-    only_finished: bool,
-) -> None:
+    """The rows of start ``key`` of ``B_STARTS`` (the module docstring); the other arguments as
+    :func:`alignkit.run.reproduce.offline.run_offline` holds them."""
     label = f"B@{key}" if key else "B"
 
     # 1. The start: the best exportable Part A recipe of this start's candidates on validation (seed 0, bias-free
